@@ -46,6 +46,22 @@ def llama_bin_dir() -> Path:
     return path
 
 
+def llama_source_archive() -> Path:
+    """The llama-cpp-python sdist (it vendors llama.cpp) the binaries were built from
+    ($CLUSTERCTL_LLAMA_SOURCE or the cache); fails if absent."""
+    env = os.environ.get("CLUSTERCTL_LLAMA_SOURCE")
+    if env:
+        path = Path(env)
+    else:
+        found = sorted((cache_dir() / "sources").glob("llama_cpp_python-*.tar.gz"))
+        if not found:
+            pytest.fail(f"no llama.cpp source archive under {cache_dir() / 'sources'}: {_FETCH_HINT}", pytrace=False)
+        path = found[-1]
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: {_FETCH_HINT}", pytrace=False)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # synthetic GGUF files written with the real gguf.GGUFWriter
 

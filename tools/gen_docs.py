@@ -22,8 +22,10 @@ from clusterctl.inventory import (
     HealthCheck,
     HuggingFace,
     Inventory,
+    LlamaCppBuild,
     Model,
     Node,
+    PythonEngine,
     Router,
     SecretRef,
     Service,
@@ -36,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("top level", Inventory), ("cluster", Cluster), ("cluster.ssh", SSHDefaults),
     ("cluster.huggingface", HuggingFace), ("cluster.defaults", Defaults), ("cluster.engines", Engines),
+    ("cluster.engines.llama_cpp_build", LlamaCppBuild), ("cluster.engines.vllm / mlx_lm / exo", PythonEngine),
     ("nodes.NAME", Node), ("nodes.NAME.accelerators[]", Accelerator),
     ("models.NAME", Model), ("services.NAME", Service), ("services.NAME.container", Container),
     ("router", Router), ("router.health", HealthCheck), ("secret reference (api_key, token)", SecretRef),

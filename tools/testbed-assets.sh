@@ -16,18 +16,27 @@ CMAKE_FLAGS=(-DGGML_RPC=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUIL
 flags_id=$(printf '%s\n' "${CMAKE_FLAGS[@]}" | sha256sum | cut -c1-12)
 BIN_DIR="$CACHE/llama.cpp/$LLAMA_CPP_PY_VERSION-$flags_id/bin"
 MODEL="$CACHE/models/gemma-3-270m-q4_k_m.gguf"
+SOURCE="$CACHE/sources/llama_cpp_python-$LLAMA_CPP_PY_VERSION.tar.gz"   # also what nodes build from in tests
 PY="${PYTHON:-python3}"
 
 log() { printf 'testbed-assets: %s\n' "$*" >&2; }
+
+fetch_source() {
+  if [[ -f "$SOURCE" ]]; then return; fi
+  local work; work=$(mktemp -d "$CACHE/.source.XXXXXX")
+  trap 'rm -rf "$work"' RETURN
+  log "downloading llama-cpp-python $LLAMA_CPP_PY_VERSION source (vendors llama.cpp)"
+  "$PY" -m pip download --quiet --no-deps --no-binary :all: -d "$work" \
+    "llama-cpp-python==$LLAMA_CPP_PY_VERSION"
+  mkdir -p "$(dirname "$SOURCE")"
+  mv "$work"/llama_cpp_python-*.tar.gz "$SOURCE"
+}
 
 build_llama() {
   if [[ -x "$BIN_DIR/llama-server" && -x "$BIN_DIR/ggml-rpc-server" ]]; then return; fi
   local work; work=$(mktemp -d "$CACHE/.build.XXXXXX")
   trap 'rm -rf "$work"' RETURN
-  log "downloading llama-cpp-python $LLAMA_CPP_PY_VERSION source (vendors llama.cpp)"
-  "$PY" -m pip download --quiet --no-deps --no-binary :all: -d "$work" \
-    "llama-cpp-python==$LLAMA_CPP_PY_VERSION"
-  tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
+  tar -xzf "$SOURCE" -C "$work"
   local src; src=$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp)
   log "building llama-server and ggml-rpc-server (about 10 minutes on 2 cores)"
   cmake -S "$src" -B "$work/build" -G Ninja "${CMAKE_FLAGS[@]}" >"$work/cmake.log" 2>&1 \
@@ -64,10 +73,12 @@ fetch_model() {
 
 mkdir -p "$CACHE"
 fetch_model
+fetch_source
 build_llama
 ln -sfn "$(dirname "$BIN_DIR")" "$CACHE/llama.cpp/current"   # a stable name for inventories
 if [[ "${1:-}" == "--env" ]]; then
-  printf 'CLUSTERCTL_LLAMA_BIN=%q\nCLUSTERCTL_TEST_MODEL=%q\n' "$BIN_DIR" "$MODEL"
+  printf 'CLUSTERCTL_LLAMA_BIN=%q\nCLUSTERCTL_TEST_MODEL=%q\nCLUSTERCTL_LLAMA_SOURCE=%q\n' \
+    "$BIN_DIR" "$MODEL" "$SOURCE"
 else
-  printf '%s\n%s\n' "$BIN_DIR" "$MODEL"
+  printf '%s\n%s\n%s\n' "$BIN_DIR" "$MODEL" "$SOURCE"
 fi

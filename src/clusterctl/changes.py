@@ -10,12 +10,15 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
+from clusterctl.engines import LlamaBuild, VenvInstall, archive_name
 from clusterctl.facts import NodeFacts
 from clusterctl.render import RenderedFile
 
 Phase = Literal["acquire", "router", "services", "verify"]
-Kind = Literal["push-weight", "pull-weight", "verify-weight", "push-engine", "upload", "secret",
-               "daemon-reload", "restart", "start"]
+Kind = Literal["push-weight", "pull-weight", "verify-weight", "push-engine", "push-source", "pull-source",
+               "verify-source", "build-engine", "install-engine", "upload", "secret", "daemon-reload", "restart",
+               "start"]
+FETCH_KINDS = ("push-weight", "pull-weight", "push-source", "pull-source")
 PHASES: tuple[Phase, ...] = ("acquire", "router", "services", "verify")
 ROUTER = "router"
 
@@ -27,6 +30,8 @@ class WeightFile:
     sha256: str | None  # expected; None = trust the size (no hash known)
     local: str | None = None  # controller-side file to push
     url: str | None = None  # URL the node pulls from
+    what: Literal["weight", "source"] = "weight"
+    hub: bool = False  # from the Hugging Face hub: the node sends the hub token (to no other host)
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,10 @@ class Desired:
     services: list[str] = field(default_factory=list)  # in start order (rpc workers first)
     units: dict[str, str] = field(default_factory=dict)  # service -> unit name (systemd)
     binaries: dict[str, str] = field(default_factory=dict)  # executable the services need -> what provides it
+    users: dict[str, list[str]] = field(default_factory=dict)  # executable -> the services that run it
+    builds: list[tuple[LlamaBuild, WeightFile]] = field(default_factory=list)  # with the source archive
+    venvs: list[VenvInstall] = field(default_factory=list)
+    commands: dict[str, list[str]] = field(default_factory=dict)  # step kind -> commands it runs ("a|b": either)
 
     def all_paths(self) -> list[str]:
         return [f.path for f in self.files] + [s.path for s in self.secrets] + [e.path for e in self.engines]
@@ -89,25 +98,46 @@ def diff(desired: Desired, facts: NodeFacts) -> list[Step]:
     steps: list[Step] = []
     node = desired.node
     # acquire: engines and weights
+    engine_changed: dict[str, str] = {}  # executable -> why the services running it restart
     for e in desired.engines:
         have = facts.hashes.get(e.path)
         if have != e.sha256:
             steps.append(Step("acquire", node, "push-engine", e.path, "missing" if have is None else "differs",
                               e.size))
+            if have is not None:
+                engine_changed[e.path] = f"{e.path} updated"
+    for build, archive in desired.builds:
+        built = {t: facts.manifest.get(build.binary(t), {}).get("build") for t in build.targets}
+        stale = [t for t in build.targets if built[t] != build.key or build.binary(t) not in facts.executables]
+        if not stale:
+            continue
+        fetch = _fetch_step(node, archive, facts)
+        if fetch is not None:
+            steps.append(fetch)
+        if all(built[t] is None for t in stale):
+            why = "not built here yet"
+        elif all(build.binary(t) in facts.executables for t in stale):
+            why = "built from another source or other flags"
+        else:
+            why = "binary missing"
+        steps.append(Step("acquire", node, "build-engine", build.bindir,
+                          f"{', '.join(stale)} from {archive_name(build.source)} ({build.label}): {why}"))
+        for t in stale:
+            if built[t] is not None:
+                engine_changed[build.binary(t)] = f"{build.binary(t)} rebuilt"
+    for v in desired.venvs:
+        entry = facts.manifest.get(v.link, {})
+        if entry.get("venv") == v.key and v.binary in facts.executables:
+            continue
+        had = entry.get("requirement")
+        why = "not installed" if had is None else (f"has {had}" if entry.get("venv") != v.key else "binary missing")
+        steps.append(Step("acquire", node, "install-engine", v.link, f"{v.requirement}: {why}"))
+        if had is not None:
+            engine_changed[v.binary] = f"{v.engine} now {v.requirement}"
     for w in desired.weights:
-        entry = facts.manifest.get(w.path, {})
-        size = facts.sizes.get(w.path)
-        want = w.size or entry.get("size")  # an unknown size (no lock entry): what was verified before
-        if size is not None and size == want and entry.get("size") == size \
-                and (w.sha256 is None or entry.get("sha256") == w.sha256):
-            continue
-        if size == w.size:
-            steps.append(Step("acquire", node, "verify-weight", w.path, "present, not verified yet"))
-            continue
-        part = facts.sizes.get(w.path + ".part", 0)
-        kind: Kind = "push-weight" if w.local else "pull-weight"
-        reason = f"resume at {part / 1e9:.2f} GB" if 0 < part < w.size else "missing"
-        steps.append(Step("acquire", node, kind, w.path, reason, w.size - (part if part < w.size else 0)))
+        step = _fetch_step(node, w, facts)
+        if step is not None:
+            steps.append(step)
     # files, by the service they belong to
     changed_services: dict[str, str] = {}
     unit_changed = False
@@ -127,6 +157,9 @@ def diff(desired: Desired, facts: NodeFacts) -> list[Step]:
             changed_services.setdefault(s, f"{f.path} {reason}")
         if f.path.endswith((".service", ".plist")):
             unit_changed = True
+    for binary, why in engine_changed.items():
+        for service in desired.users.get(binary, []):
+            changed_services.setdefault(service, why)
     for secret in desired.secrets:
         if facts.hashes.get(secret.path) != secret.sha256:
             owner = _secret_owner(desired, secret.path)
@@ -147,6 +180,27 @@ def diff(desired: Desired, facts: NodeFacts) -> list[Step]:
     return steps
 
 
+def _fetch_step(node: str, w: WeightFile, facts: NodeFacts) -> Step | None:
+    """The step that puts file `w` on the node verified, or None when the manifest says it is."""
+    entry = facts.manifest.get(w.path, {})
+    size = facts.sizes.get(w.path)
+    want = w.size or entry.get("size")  # an unknown size (no lock entry): what was verified before
+    if size is not None and size == want and entry.get("size") == size \
+            and (w.sha256 is None or entry.get("sha256") == w.sha256):
+        return None
+    if size == w.size:
+        return Step("acquire", node, "verify-source" if w.what == "source" else "verify-weight", w.path,
+                    "present, not verified yet")
+    part = facts.sizes.get(w.path + ".part", 0)
+    kind: Kind
+    if w.what == "source":
+        kind = "push-source" if w.local else "pull-source"
+    else:
+        kind = "push-weight" if w.local else "pull-weight"
+    reason = f"resume at {part / 1e9:.2f} GB" if 0 < part < w.size else "missing"
+    return Step("acquire", node, kind, w.path, reason, w.size - (part if part < w.size else 0))
+
+
 def _secret_owner(desired: Desired, path: str) -> str:
     name = path.rsplit("/", 1)[-1].removesuffix(".key")
     if name.startswith("clusterctl-router"):
@@ -158,5 +212,5 @@ def summary(steps: list[Step]) -> dict[str, int]:
     return {
         "uploads": sum(1 for s in steps if s.kind in ("upload", "secret")),
         "restarts": sum(1 for s in steps if s.kind in ("restart", "start")),
-        "bytes_to_transfer": sum(s.bytes for s in steps if s.kind in ("push-weight", "pull-weight", "push-engine")),
+        "bytes_to_transfer": sum(s.bytes for s in steps if s.kind in (*FETCH_KINDS, "push-engine")),
     }

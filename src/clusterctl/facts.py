@@ -39,6 +39,7 @@ class NodeFacts:
     sizes: dict[str, int] = field(default_factory=dict)  # path -> size (weights, .part files)
     has_systemd: bool = False
     executables: set[str] = field(default_factory=set)  # of the binaries asked about, those present
+    commands: set[str] = field(default_factory=set)  # of the commands asked about, those on PATH
 
 
 # -- parsers (pure) ------------------------------------------------------------------------
@@ -150,6 +151,12 @@ def parse_ss(text: str) -> dict[int, str]:
     return out
 
 
+def parse_found(text: str) -> tuple[set[str], set[str]]:
+    """Output of the executables/commands probe: paths before the "--" line, commands after."""
+    before, _, after = text.partition("\n--\n") if not text.startswith("--\n") else ("", "", text[3:])
+    return set(before.split()), set(after.split())
+
+
 def parse_manifest(data: bytes | None) -> dict[str, dict[str, object]]:
     if not data:
         return {}
@@ -175,7 +182,8 @@ def gpu_drift(node: Node, gpus: list[Gpu]) -> str | None:
 # -- gathering (I/O through the transport) --------------------------------------------------
 
 def gather(t: Transport, *, base: str, files: Iterable[str], units: Iterable[str], weights: Iterable[str],
-           dirs: Iterable[str], systemd: bool, binaries: Iterable[str] = ()) -> NodeFacts:
+           dirs: Iterable[str], systemd: bool, binaries: Iterable[str] = (),
+           commands: Iterable[str] = ()) -> NodeFacts:
     facts = NodeFacts(node=t.host)
     r = t.run(["uname", "-sm"], timeout=30)
     facts.os, facts.arch = parse_uname(r.out)
@@ -215,7 +223,11 @@ def gather(t: Transport, *, base: str, files: Iterable[str], units: Iterable[str
     facts.listeners = parse_listeners(ss.out)
     facts.manifest = parse_manifest(t.get(f"{base}/{MANIFEST}"))
     binaries = sorted(set(binaries))
-    if binaries:
-        found = t.run(["sh", "-c", 'for f; do [ -x "$f" ] && echo "$f"; done; true', "sh", *binaries], timeout=30)
-        facts.executables = set(found.out.split())
+    commands = sorted(set(commands))
+    if binaries or commands:
+        # one round trip: executables by path, then (after a marker) commands found on PATH
+        found = t.run(["sh", "-c", 'for f; do if [ "$f" = "--" ]; then echo "--"; '
+                       'elif [ -x "$f" ] || command -v "$f" >/dev/null 2>&1; then echo "$f"; fi; done; true',
+                       "sh", *binaries, "--", *commands], timeout=30)
+        facts.executables, facts.commands = parse_found(found.out)
     return facts

@@ -124,12 +124,92 @@ class Defaults(Strict):
         return v
 
 
+class LlamaCppBuild(Strict):
+    """Build llama.cpp on each node that needs it, from one pinned source archive."""
+
+    source: str = Field(description="source archive (.tar.gz, .tar.xz, .tgz): https://... pulled by the node, "
+                        "or file:///... pushed from the controller; e.g. a llama.cpp release tarball or the "
+                        "llama-cpp-python sdist (it vendors llama.cpp)")
+    sha256: str | None = Field(None, description="of the archive; required for https sources")
+    subdir: str | None = Field(None, description="folder of llama.cpp's CMakeLists.txt inside the archive's top "
+                               "folder (default: found: the shallowest folder with CMakeLists.txt and ggml/)")
+    cmake_flags: list[str] = Field(default_factory=list, description="added after the node's backend flags, "
+                                   "e.g. -DCMAKE_CUDA_ARCHITECTURES=89")
+    jobs: int | None = Field(None, ge=1, le=512, description="parallel compile jobs (default: the node's cores)")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if not re.match(r"^(https://|file:///)[^\s]+$", v):
+            raise ValueError(f"{v!r}: give an https:// URL or a file:/// path")
+        if not re.search(r"\.(tar\.gz|tgz|tar\.xz|txz|tar\.bz2|tar\.zst|tar)$", v):
+            raise ValueError(f"{v!r} is not a tar archive (.tar.gz, .tgz, .tar.xz, .tar.bz2, .tar.zst, .tar)")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, v: str | None) -> str | None:
+        if v is not None and not SHA256_RE.match(v):
+            raise ValueError("must be 64 lowercase hex digits")
+        return v
+
+    @field_validator("subdir")
+    @classmethod
+    def _subdir(cls, v: str | None) -> str | None:
+        if v is not None and (v.startswith("/") or any(p in ("", "..") for p in v.split("/")) or "\n" in v):
+            raise ValueError(f"{v!r} must be a relative path without '..'")
+        return v
+
+    @field_validator("cmake_flags")
+    @classmethod
+    def _flags(cls, v: list[str]) -> list[str]:
+        for flag in v:
+            if not re.match(r"^-[A-Za-z][^\s]*$", flag):
+                raise ValueError(f"{flag!r} is not a cmake option (e.g. -DGGML_CUDA_F16=ON)")
+        return v
+
+    @model_validator(mode="after")
+    def _pinned(self) -> LlamaCppBuild:
+        if self.source.startswith("https://") and self.sha256 is None:
+            raise ValueError("an https source needs its sha256: nodes build only what was pinned")
+        return self
+
+
+class PythonEngine(Strict):
+    """An engine installed with pip into its own virtual environment on each node that runs it."""
+
+    requirement: str = Field(description="a pinned pip requirement: 'vllm==0.11.0' or 'exo @ git+https://...@TAG'")
+    python: str = Field("python3", description="interpreter that creates the venv on the node")
+    index_url: str | None = Field(None, description="pip index (a mirror); default: pip's own configuration")
+    find_links: str | None = Field(None, description="a folder on the node or a URL with wheels (air-gapped)")
+
+    @field_validator("requirement")
+    @classmethod
+    def _pinned(cls, v: str) -> str:
+        if "\n" in v or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?\s*(==|@)\s*\S+$", v):
+            raise ValueError(f"{v!r} is not a pinned requirement: write 'name==VERSION' or 'name @ URL'")
+        return v
+
+    @field_validator("python", "index_url", "find_links")
+    @classmethod
+    def _one_word(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c.isspace() for c in v) or v.startswith("-")):
+            raise ValueError(f"{v!r} must be one word (a program, URL or path)")
+        return v
+
+
 class Engines(Strict):
-    """Where deploy gets engine binaries from (pushed to the nodes over SFTP)."""
+    """Where deploy gets engines from: a llama.cpp build pushed from the controller or built on
+    the nodes, and pip-installed engines (vLLM, mlx-lm, exo) in per-engine venvs."""
 
     llama_cpp: str | None = Field(
         None, description="controller folder with llama-server and rpc-server (or ggml-rpc-server) built "
         "for the nodes, e.g. a static CPU/RPC build; pushed to /opt/clusterctl/engines/llama.cpp/bin")
+    llama_cpp_build: LlamaCppBuild | None = Field(
+        None, description="or: build llama.cpp on each node from this source with the node's backend flags")
+    vllm: PythonEngine | None = Field(None, description="install vLLM into a venv on the nodes that run it")
+    mlx_lm: PythonEngine | None = Field(None, description="install mlx-lm into a venv on the nodes that run it")
+    exo: PythonEngine | None = Field(None, description="install exo into a venv on the nodes that run it")
 
     @field_validator("llama_cpp")
     @classmethod
@@ -137,6 +217,15 @@ class Engines(Strict):
         if v is not None and ("\n" in v or "\x00" in v):
             raise ValueError("must be one line")
         return v
+
+    @model_validator(mode="after")
+    def _one_llama(self) -> Engines:
+        if self.llama_cpp is not None and self.llama_cpp_build is not None:
+            raise ValueError("give llama_cpp (push a build) or llama_cpp_build (build on the nodes), not both")
+        return self
+
+    def python_engine(self, engine: str) -> PythonEngine | None:
+        return {"vllm": self.vllm, "mlx-lm": self.mlx_lm, "exo": self.exo}.get(engine)
 
 
 class Cluster(Strict):

@@ -27,6 +27,7 @@ from typing import Protocol
 
 from clusterctl import facts as facts_mod
 from clusterctl.changes import (
+    FETCH_KINDS,
     PHASES,
     Desired,
     EngineFile,
@@ -36,6 +37,7 @@ from clusterctl.changes import (
     WeightFile,
     diff,
 )
+from clusterctl.engines import BACKEND_TOOLS, LlamaBuild, VenvInstall, backends, llama_build, venv_install
 from clusterctl.errors import ClusterctlError, ExitCode, LockedError
 from clusterctl.inventory import Inventory, Node, SecretRef
 from clusterctl.launch import (
@@ -231,6 +233,16 @@ def build_desired(inv: Inventory, lock: LockFile, rendered: Rendered, plan: Plan
             _add_weights(inv, lock, d, node, svc.model)
         if svc.engine in ("llama-server", "rpc-server") and svc.binary is None and inv.cluster.engines.llama_cpp:
             _add_llama_engine(inv, d, node)
+    _add_builds(inv, specs, out)
+    for spec in specs:
+        svc = inv.services[spec.service]
+        python_engine = inv.cluster.engines.python_engine(svc.engine)
+        if python_engine is not None and svc.binary is None and not spec.container:
+            install = venv_install(inv.nodes[spec.node], svc.engine, python_engine)
+            d = out[spec.node]
+            if all(v.link != install.link for v in d.venvs):
+                d.venvs.append(install)
+                d.commands.setdefault("install-engine", []).append(install.python)
     for spec in specs:
         provider = {"llama-server": "llama.cpp", "rpc-server": "llama.cpp", "vllm": "a vLLM venv",
                     "ollama": "Ollama", "mlx-lm": "an mlx-lm venv", "exo": "an exo venv",
@@ -239,6 +251,7 @@ def build_desired(inv: Inventory, lock: LockFile, rendered: Rendered, plan: Plan
         if program.startswith("/"):
             out[spec.node].binaries[program] = f"{spec.container[0].rsplit('/', 1)[-1]} for {spec.service}" \
                 if spec.container else f"{provider} for {spec.service}"
+            out[spec.node].users.setdefault(program, []).append(spec.service)
     for d in out.values():
         d.services.sort(key=lambda s: order.index(s) if s in order else len(order))
     return out
@@ -281,7 +294,50 @@ def _add_weights(inv: Inventory, lock: LockFile, d: Desired, node: Node, model_n
             size = total if len(names) == 1 else 0
             sha = model.sha256 if len(names) == 1 else None
             d.weights.append(WeightFile(path, size or (model.size or 0), sha,
-                                        url=source_url(sub, endpoint=inv.cluster.huggingface.endpoint)))
+                                        url=source_url(sub, endpoint=inv.cluster.huggingface.endpoint),
+                                        hub=src.scheme == "hf"))
+
+
+def _add_builds(inv: Inventory, specs: list[LaunchSpec], out: dict[str, Desired]) -> None:
+    """llama.cpp built on each node whose llama-server / rpc-server services use the default binary."""
+    build = inv.cluster.engines.llama_cpp_build
+    if build is None:
+        return
+    wanted: dict[str, list[str]] = {}
+    for spec in specs:
+        svc = inv.services[spec.service]
+        if svc.engine in ("llama-server", "rpc-server") and svc.binary is None and not spec.container:
+            wanted.setdefault(spec.node, []).append(svc.engine)
+    if not wanted:
+        return
+    local = url = None
+    size = 0
+    sha = build.sha256
+    if build.source.startswith("file://"):
+        local = build.source.removeprefix("file://")
+        if not os.path.isfile(local):
+            raise DeployError(f"cluster.engines.llama_cpp_build.source: {local} does not exist on the controller",
+                              hint="download the archive there, or give an https:// URL the nodes can reach")
+        size = os.stat(local).st_size
+        actual = file_sha256(local)
+        if sha is not None and actual != sha:
+            raise DeployError(f"cluster.engines.llama_cpp_build.source: {local} has sha256 {actual[:16]}..., "
+                              f"the inventory pins {sha[:16]}...", hint="fetch the pinned archive again")
+        sha = actual
+    else:
+        url = build.source
+    assert sha is not None  # https sources are pinned by the inventory's validation
+    for node_name, targets in wanted.items():
+        b = llama_build(inv, node_name, targets, sha)
+        assert b is not None
+        d = out[node_name]
+        d.builds.append((b, WeightFile(b.archive, size, sha, local=local, url=url, what="source")))
+        node = inv.nodes[node_name]
+        d.commands["build-engine"] = ["cmake", "c++|g++|clang++", "tar", "make|ninja"] + [
+            f"{tool}|{'/usr/local/cuda/bin/nvcc' if tool == 'nvcc' else '/opt/rocm/bin/' + tool}"
+            for k, tool in BACKEND_TOOLS.items() if k in backends(node)]
+        if url is not None:
+            d.commands["pull-source"] = ["curl"]
 
 
 def _add_llama_engine(inv: Inventory, d: Desired, node: Node) -> None:
@@ -299,6 +355,88 @@ def _add_llama_engine(inv: Inventory, d: Desired, node: Node) -> None:
 
 
 # -- running steps ---------------------------------------------------------------------------
+
+BUILD_TIMEOUT = 4 * 3600.0
+
+# Builds llama.cpp on the node: $1 archive, $2 work folder (kept: extracted source and build
+# tree, so a later build with more targets is incremental), $3 subdir ("" = find it), $4 jobs
+# ("" = all cores), $5 bin folder, then the binaries to install, "--", the cmake flags.
+# Each binary is installed atomically (temp file + rename) and printed as INSTALLED name sha size.
+BUILD_SCRIPT = r"""set -euo pipefail
+archive=$1 work=$2 subdir=$3 jobs=$4 bin=$5; shift 5
+names=(); while [ "$1" != "--" ]; do names+=("$1"); shift; done; shift
+[ -n "$jobs" ] || jobs=$(nproc 2>/dev/null || sysctl -n hw.ncpu)
+mkdir -p "$work" "$bin"
+if [ ! -f "$work/.extracted" ]; then
+  rm -rf "$work/src"; mkdir "$work/src"
+  tar -xf "$archive" -C "$work/src" --no-same-owner
+  touch "$work/.extracted"
+fi
+src=""
+if [ -n "$subdir" ]; then
+  tops=("$work"/src/*/)
+  if [ ${#tops[@]} = 1 ] && [ -d "${tops[0]}$subdir" ]; then src=${tops[0]}$subdir; else src=$work/src/$subdir; fi
+else
+  found=$(find "$work/src" -maxdepth 6 -path '*/ggml/CMakeLists.txt' -printf '%d %h\n' | sort -n | head -n 1)
+  [ -z "$found" ] || src=${found#* }; src=${src%/ggml}
+fi
+if [ -z "$src" ] || [ ! -f "$src/CMakeLists.txt" ]; then
+  echo "no llama.cpp source tree (a CMakeLists.txt next to ggml/) in $archive" >&2; exit 3
+fi
+gen=(); if command -v ninja >/dev/null 2>&1; then gen=(-G Ninja); fi
+if [ ! -f "$work/build/CMakeCache.txt" ]; then
+  rm -rf "$work/build"
+  if ! cmake -S "$src" -B "$work/build" "${gen[@]}" "$@" >"$work/configure.log" 2>&1; then
+    tail -n 30 "$work/configure.log" >&2; rm -rf "$work/build"; exit 4
+  fi
+fi
+help=$(cmake --build "$work/build" --target help 2>/dev/null || true)
+targets=()
+for n in "${names[@]}"; do
+  case $n in rpc-server) cands="ggml-rpc-server rpc-server";; *) cands=$n;; esac
+  t=""
+  for c in $cands; do if grep -Eq "(^|[ .])$c(:|\s|$)" <<<"$help"; then t=$c; break; fi; done
+  if [ -z "$t" ]; then echo "this llama.cpp source has no target $cands" >&2; exit 5; fi
+  targets+=("$t")
+done
+if ! cmake --build "$work/build" -j "$jobs" --target "${targets[@]}" >"$work/build.log" 2>&1; then
+  tail -n 40 "$work/build.log" >&2; exit 6
+fi
+for i in "${!names[@]}"; do
+  f=$(find "$work/build" -type f -name "${targets[$i]}" -perm -u+x | head -n 1)
+  install -m 0755 "$f" "$bin/.${names[$i]}.part"
+  mv -f "$bin/.${names[$i]}.part" "$bin/${names[$i]}"
+  echo "INSTALLED ${names[$i]} $(sha256sum <"$bin/${names[$i]}" | cut -d' ' -f1) $(stat -c %s "$bin/${names[$i]}")"
+done
+"""
+
+# Installs a pip engine into its own venv and switches the folder the services run from (a
+# symlink) to it only once pip succeeded: $1 python, $2 venv, $3 link, $4 requirement,
+# $5 index URL, $6 find-links, $7 the executable it must provide. The previous venv is kept
+# (one back), older ones removed.
+VENV_SCRIPT = r"""set -euo pipefail
+python=$1 venv=$2 link=$3 req=$4 index=$5 links=$6 exe=$7
+name=$(basename "$venv")
+if [ -e "$link" ] && [ ! -L "$link" ]; then exit 6; fi
+prev=$(readlink "$link" 2>/dev/null || true)
+if [ "$prev" = "$name" ] && [ -x "$venv/bin/$exe" ]; then exit 0; fi
+mkdir -p "$(dirname "$venv")"
+rm -rf "$venv"
+if ! "$python" -m venv "$venv" >"$venv.log" 2>&1; then tail -n 20 "$venv.log" >&2; rm -rf "$venv"; exit 3; fi
+args=(--disable-pip-version-check --no-input)
+if [ -n "$index" ]; then args+=(--index-url "$index"); fi
+if [ -n "$links" ]; then args+=(--find-links "$links"); fi
+if ! "$venv/bin/python" -m pip install "${args[@]}" "$req" >>"$venv.log" 2>&1; then
+  tail -n 30 "$venv.log" >&2; rm -rf "$venv"; exit 4
+fi
+if [ ! -x "$venv/bin/$exe" ]; then rm -rf "$venv"; exit 5; fi
+ln -sfn "$name" "$link.new"
+mv -fT "$link.new" "$link"
+for old in "$link"-*/; do
+  old=${old%/}
+  case $(basename "$old") in "$name"|"$prev") ;; *) rm -rf "$old" "$old.log";; esac
+done
+"""
 
 Connector = Callable[[str], Transport]
 
@@ -319,10 +457,12 @@ class _NodeRun:
     def gather(self) -> None:
         weights = [w.path for w in self.d.weights]
         units = [u for u in self.d.units.values() if u]
-        dirs = sorted({w.path.rsplit("/", 1)[0] for w in self.d.weights})
+        weights += [archive.path for _, archive in self.d.builds]
+        dirs = sorted({w.rsplit("/", 1)[0] for w in weights})
+        commands = sorted({c for alts in self.d.commands.values() for alt in alts for c in alt.split("|")})
         self.facts = facts_mod.gather(self.t, base=self.d.base, files=self.d.all_paths(), units=units,
                                       weights=weights, dirs=dirs, systemd=self.d.systemd,
-                                      binaries=list(self.d.binaries))
+                                      binaries=list(self.d.binaries), commands=commands)
         self.result.steps = diff(self.d, self.facts)
 
     def drift(self) -> None:
@@ -350,15 +490,28 @@ class _NodeRun:
                                   hint="stop that process or give the service another port; "
                                   "clusterctl does not kill processes it did not start")
         pushed = {e.path for e in self.d.engines}
+        pushed |= {b.binary(t) for b, _ in self.d.builds for t in b.targets}
+        pushed |= {v.binary for v in self.d.venvs}
         missing = [b for b in sorted(self.d.binaries) if b not in self.facts.executables and b not in pushed]
         if missing:
             what = "; ".join(f"{b} ({self.d.binaries[b]})" for b in missing)
             raise DeployError(f"{self.d.node}: engine(s) missing: {what}",
                               hint="install them on the node, set the service's `binary`, or set "
                               "cluster.engines.llama_cpp to push a llama.cpp build")
+        kinds = {s.kind for s in self.result.steps}
+        for kind, alternatives in self.d.commands.items():
+            absent = [alt.split("|")[0] for alt in dict.fromkeys(alternatives)
+                      if not set(alt.split("|")) & self.facts.commands]
+            if kind in kinds and absent:
+                what = {"build-engine": "build llama.cpp", "pull-source": "download the llama.cpp source",
+                        "install-engine": "create the engines' venvs"}[kind]
+                raise DeployError(f"{self.d.node}: {', '.join(absent)} not found on the node; needed to {what}",
+                                  hint="install it (Debian/Ubuntu: apt install cmake g++ make curl python3-venv; "
+                                  "CUDA: the CUDA toolkit; ROCm: hipcc), or push a controller-side build with "
+                                  "cluster.engines.llama_cpp")
         need: dict[str, int] = {}
         for s in self.result.steps:
-            if s.kind in ("push-weight", "pull-weight"):
+            if s.kind in FETCH_KINDS:
                 folder = s.target.rsplit("/", 1)[0]
                 need[folder] = need.get(folder, 0) + s.bytes
         for folder, size in need.items():
@@ -404,12 +557,17 @@ class _NodeRun:
         if s.kind == "push-engine":
             e = next(e for e in self.d.engines if e.path == s.target)
             self._push(e.local, e.path, e.sha256, 0o755, e.size)
-        elif s.kind in ("push-weight", "pull-weight", "verify-weight"):
-            w = next(w for w in self.d.weights if w.path == s.target)
-            if s.kind == "push-weight":
+        elif s.kind == "build-engine":
+            self._build(next(b for b, _ in self.d.builds if b.bindir == s.target))
+        elif s.kind == "install-engine":
+            self._install(next(v for v in self.d.venvs if v.link == s.target))
+        elif s.kind in ("push-weight", "pull-weight", "verify-weight", "push-source", "pull-source", "verify-source"):
+            files = self.d.weights + [archive for _, archive in self.d.builds]
+            w = next(w for w in files if w.path == s.target)
+            if s.kind in ("push-weight", "push-source"):
                 assert w.local is not None
                 self._push(w.local, w.path, w.sha256, 0o644, w.size)
-            elif s.kind == "pull-weight":
+            elif s.kind in ("pull-weight", "pull-source"):
                 self._pull(w)
             else:
                 self._verify_in_place(w)
@@ -427,7 +585,7 @@ class _NodeRun:
     def _pull(self, w: WeightFile) -> None:
         assert w.url is not None
         part = w.path + ".part"
-        token = read_secret(self.inv.cluster.huggingface.token)
+        token = read_secret(self.inv.cluster.huggingface.token) if w.hub else None
         header = f"Authorization: Bearer {token}\n".encode() if token else b""
         self.t.run(["mkdir", "-p", "--", w.path.rsplit("/", 1)[0]], timeout=60)
         argv = ["curl", "--fail", "--silent", "--show-error", "--location", "--retry", "5", "--retry-delay", "2",
@@ -442,6 +600,39 @@ class _NodeRun:
             hint = next((h for code, h in hints.items() if f" {code}" in message), None)
             raise DeployError(f"{self.d.node}: download of {w.path.rsplit('/', 1)[-1]} failed: {message}", hint)
         self._verify_and_place(part, w.path, w.sha256, w.size)
+
+    def _build(self, b: LlamaBuild) -> None:
+        jobs = str(b.jobs) if b.jobs else ""
+        r = self.t.run(["bash", "-c", BUILD_SCRIPT, "clusterctl-build", b.archive, b.workdir, b.subdir or "", jobs,
+                        b.bindir, *b.targets, "--", *b.flags], timeout=BUILD_TIMEOUT)
+        if not r.ok:
+            what = {3: "the archive holds no llama.cpp source tree", 4: "cmake could not configure the build",
+                    5: "the source has no such target", 6: "the build failed"}.get(r.rc, f"exit {r.rc}")
+            self.result.log_tail = r.err.strip()
+            raise DeployError(f"{self.d.node}: building llama.cpp ({', '.join(b.targets)}, {b.label}) failed: "
+                              f"{what}; logs in {b.workdir}",
+                              hint="see the last lines above; fix the flags (cluster.engines.llama_cpp_build."
+                              "cmake_flags) or the node's toolchain and deploy again: finished work is kept")
+        installed = [line.split() for line in r.out.splitlines() if line.startswith("INSTALLED ")]
+        for _, name, sha, size in installed:
+            self._record(b.binary(name), sha, int(size), build=b.key)
+
+    def _install(self, v: VenvInstall) -> None:
+        exe = v.binary.rsplit("/", 1)[-1]
+        r = self.t.run(["bash", "-c", VENV_SCRIPT, "clusterctl-venv", v.python, v.venv, v.link, v.requirement,
+                        v.index_url or "", v.find_links or "", exe], timeout=BUILD_TIMEOUT)
+        if not r.ok:
+            self.result.log_tail = r.err.strip()
+            what = {3: f"{v.python} could not create a venv (Debian/Ubuntu: apt install python3-venv)",
+                    4: f"pip could not install {v.requirement}",
+                    5: f"{v.requirement} has no {exe} executable",
+                    6: f"{v.link} exists and is not a symlink clusterctl made; move it away"}.get(r.rc, f"exit {r.rc}")
+            raise DeployError(f"{self.d.node}: installing {v.engine} failed: {what}",
+                              hint="the previous installation, if any, is untouched and still in use")
+        manifest_path = f"{self.d.base}/{facts_mod.MANIFEST}"
+        manifest = facts_mod.parse_manifest(self.t.get(manifest_path))
+        manifest[v.link] = {"venv": v.key, "requirement": v.requirement}
+        self.t.put(manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode(), mode=0o644)
 
     def _remote_sha(self, path: str) -> str:
         r = self.t.run(["sha256sum", "--", path], timeout=3600)
@@ -471,10 +662,10 @@ class _NodeRun:
                               hint="delete it and deploy again")
         self._record(w.path, got, w.size)
 
-    def _record(self, path: str, sha: str, size: int) -> None:
+    def _record(self, path: str, sha: str, size: int, **extra: object) -> None:
         manifest_path = f"{self.d.base}/{facts_mod.MANIFEST}"
         manifest = facts_mod.parse_manifest(self.t.get(manifest_path))
-        manifest[path] = {"sha256": sha, "size": size}
+        manifest[path] = {"sha256": sha, "size": size, **extra}
         self.t.put(manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode(), mode=0o644)
 
     def _apply(self, steps: list[Step]) -> None:
