@@ -62,6 +62,14 @@ def llama_source_archive() -> Path:
     return path
 
 
+def wheelhouse() -> Path:
+    """A folder with wheel-0.44.0 and wheel-0.45.1 ($CLUSTERCTL_WHEELS or the cache); fails if absent."""
+    path = Path(os.environ.get("CLUSTERCTL_WHEELS") or cache_dir() / "wheels")
+    if not (path / "wheel-0.45.1-py3-none-any.whl").is_file():
+        pytest.fail(f"no test wheels in {path}: {_FETCH_HINT}", pytrace=False)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # synthetic GGUF files written with the real gguf.GGUFWriter
 

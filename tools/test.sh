@@ -20,7 +20,7 @@ fi
 
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
 eval "$(tools/testbed-assets.sh --env)"
-export CLUSTERCTL_LLAMA_BIN CLUSTERCTL_TEST_MODEL CLUSTERCTL_LLAMA_SOURCE
+export CLUSTERCTL_LLAMA_BIN CLUSTERCTL_TEST_MODEL CLUSTERCTL_LLAMA_SOURCE CLUSTERCTL_WHEELS
 
 ruff check .
 mypy

@@ -16,6 +16,7 @@ CMAKE_FLAGS=(-DGGML_RPC=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUIL
 flags_id=$(printf '%s\n' "${CMAKE_FLAGS[@]}" | sha256sum | cut -c1-12)
 BIN_DIR="$CACHE/llama.cpp/$LLAMA_CPP_PY_VERSION-$flags_id/bin"
 MODEL="$CACHE/models/gemma-3-270m-q4_k_m.gguf"
+WHEELS="$CACHE/wheels"
 SOURCE="$CACHE/sources/llama_cpp_python-$LLAMA_CPP_PY_VERSION.tar.gz"   # also what nodes build from in tests
 PY="${PYTHON:-python3}"
 
@@ -72,13 +73,22 @@ fetch_model() {
 }
 
 mkdir -p "$CACHE"
+fetch_wheels() {
+  # two releases of a small package with a console script: what the venv installs are tested with
+  local v
+  for v in 0.44.0 0.45.1; do
+    [[ -f "$WHEELS/wheel-$v-py3-none-any.whl" ]] || "$PY" -m pip download --quiet --no-deps -d "$WHEELS" "wheel==$v"
+  done
+}
+
 fetch_model
 fetch_source
+fetch_wheels
 build_llama
 ln -sfn "$(dirname "$BIN_DIR")" "$CACHE/llama.cpp/current"   # a stable name for inventories
 if [[ "${1:-}" == "--env" ]]; then
-  printf 'CLUSTERCTL_LLAMA_BIN=%q\nCLUSTERCTL_TEST_MODEL=%q\nCLUSTERCTL_LLAMA_SOURCE=%q\n' \
-    "$BIN_DIR" "$MODEL" "$SOURCE"
+  printf 'CLUSTERCTL_LLAMA_BIN=%q\nCLUSTERCTL_TEST_MODEL=%q\nCLUSTERCTL_LLAMA_SOURCE=%q\nCLUSTERCTL_WHEELS=%q\n' \
+    "$BIN_DIR" "$MODEL" "$SOURCE" "$WHEELS"
 else
-  printf '%s\n%s\n%s\n' "$BIN_DIR" "$MODEL" "$SOURCE"
+  printf '%s\n%s\n%s\n%s\n' "$BIN_DIR" "$MODEL" "$SOURCE" "$WHEELS"
 fi

@@ -181,7 +181,8 @@ class PythonEngine(Strict):
     requirement: str = Field(description="a pinned pip requirement: 'vllm==0.11.0' or 'exo @ git+https://...@TAG'")
     python: str = Field("python3", description="interpreter that creates the venv on the node")
     index_url: str | None = Field(None, description="pip index (a mirror); default: pip's own configuration")
-    find_links: str | None = Field(None, description="a folder on the node or a URL with wheels (air-gapped)")
+    find_links: str | None = Field(None, description="a folder on the node or a URL with wheels; without "
+                                   "index_url, pip looks nowhere else (air-gapped)")
 
     @field_validator("requirement")
     @classmethod

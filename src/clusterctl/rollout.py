@@ -424,7 +424,7 @@ mkdir -p "$(dirname "$venv")"
 rm -rf "$venv"
 if ! "$python" -m venv "$venv" >"$venv.log" 2>&1; then tail -n 20 "$venv.log" >&2; rm -rf "$venv"; exit 3; fi
 args=(--disable-pip-version-check --no-input)
-if [ -n "$index" ]; then args+=(--index-url "$index"); fi
+if [ -n "$index" ]; then args+=(--index-url "$index"); elif [ -n "$links" ]; then args+=(--no-index); fi
 if [ -n "$links" ]; then args+=(--find-links "$links"); fi
 if ! "$venv/bin/python" -m pip install "${args[@]}" "$req" >>"$venv.log" 2>&1; then
   tail -n 30 "$venv.log" >&2; rm -rf "$venv"; exit 4
