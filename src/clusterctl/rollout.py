@@ -18,6 +18,7 @@ import json
 import os
 import shlex
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -357,6 +358,7 @@ def _add_llama_engine(inv: Inventory, d: Desired, node: Node) -> None:
 # -- running steps ---------------------------------------------------------------------------
 
 BUILD_TIMEOUT = 4 * 3600.0
+PULL_POLL = 1.0  # seconds between size reports of a node-side download
 
 # Builds llama.cpp on the node: $1 archive, $2 work folder (kept: extracted source and build
 # tree, so a later build with more targets is incremental), $3 subdir ("" = find it), $4 jobs
@@ -591,7 +593,8 @@ class _NodeRun:
         argv = ["curl", "--fail", "--silent", "--show-error", "--location", "--retry", "5", "--retry-delay", "2",
                 "--speed-limit", "1024", "--speed-time", "60", "--continue-at", "-", "--output", part,
                 "--header", "@-", w.url]
-        r = self.t.run(argv, input=header, timeout=24 * 3600)
+        with self._watch_size(part, w.path, w.size):
+            r = self.t.run(argv, input=header, timeout=24 * 3600)
         if not r.ok:
             message = r.err.strip().splitlines()[-1] if r.err.strip() else f"curl exit {r.rc}"
             hints = {"401": "the hub wants a token: set cluster.huggingface.token",
@@ -633,6 +636,29 @@ class _NodeRun:
         manifest = facts_mod.parse_manifest(self.t.get(manifest_path))
         manifest[v.link] = {"venv": v.key, "requirement": v.requirement}
         self.t.put(manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode(), mode=0o644)
+
+    @contextlib.contextmanager
+    def _watch_size(self, part: str, label: str, total: int) -> Iterator[None]:
+        """While a node-side download runs: report the size of its file every PULL_POLL seconds
+        (a second session on the same connection), for the progress bars."""
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(PULL_POLL):
+                try:
+                    st = self.t.run(["stat", "-c", "%s", "--", part], timeout=30)
+                except TransportError:
+                    return
+                if st.ok and st.out.strip().isdigit():
+                    self.reporter.progress(self.d.node, label, int(st.out.strip()), total)
+
+        watcher = threading.Thread(target=watch, name=f"watch {self.d.node} {label}", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()
 
     def _remote_sha(self, path: str) -> str:
         r = self.t.run(["sha256sum", "--", path], timeout=3600)

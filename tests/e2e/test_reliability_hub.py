@@ -10,12 +10,14 @@ never show up in any output, any command line or environment on the node, or its
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from clusterctl.errors import ExitCode
+from clusterctl.inventory import load_inventory
 from tests import assets
 from tests.e2e.testbed import Node, Testbed, require_systemd
 from tests.faults import (
@@ -232,3 +234,49 @@ def test_hub_model_without_lock_entry_is_not_downloaded_twice(testbed3: Testbed,
     assert second.code == 0, second.output
     assert len(gets(hub, "/org/repo/resolve/main/tiny.gguf")) == 1
     assert second.json()["changes"] == 0
+
+
+def test_node_side_pull_reports_its_progress(testbed3: Testbed, tmp_path: Path, node3: Node, tiny: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node's curl writes the file; deploy reports its size while it grows (the progress
+    bars): a server that sends 100,000 bytes and then waits shows the bytes curl has written
+    (it writes in blocks: up to that figure), every second, for as long as the transfer runs."""
+    from clusterctl.lockfile import lock_path, read_lock
+    from clusterctl.render import render
+    from clusterctl.rollout import NullReporter
+    from clusterctl.rollout import deploy as rollout_deploy
+    from clusterctl.transport.connect import connect
+
+    seen: list[tuple[str, str, int, int]] = []
+
+    class Recorder(NullReporter):
+        def progress(self, node: str, label: str, done: int, total: int) -> None:
+            seen.append((node, label, done, total))
+
+    monkeypatch.setenv("REL_HF_TOKEN", TOKEN)
+    sent = 100_000
+    with ScriptedServer(testbed3.host_ip, [Reply(200, file=tiny, stall_after=sent)]) as server:
+        inv = load_inventory(hub_inventory(testbed3, tmp_path, server.url))
+        result: list[object] = []
+
+        def run() -> None:
+            try:
+                result.append(rollout_deploy(
+                    inv, read_lock(lock_path(inv.path)), render(inv, None),
+                    lambda name: connect(name, inv.nodes[name], inv.cluster.ssh),
+                    nodes=["node3"], phases=("acquire",), reporter=Recorder()))
+            except Exception as exc:  # shown by the assertion below
+                result.append(exc)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        try:
+            wait_for("two reports of the first bytes", lambda: len([e for e in seen if e[2] > 0]) >= 2 or result, 30)
+        finally:
+            server.release.set()
+            worker.join(60)
+    assert not worker.is_alive() and result
+    assert len([e for e in seen if e[2] > 0]) >= 2, (seen, result)
+    # the size is unknown (nothing resolved): total 0, and never more than the server sent
+    assert all(node == "node3" and label == TARGET and 0 <= done <= sent and total == 0
+               for node, label, done, total in seen), seen
