@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -184,50 +186,90 @@ def gpu_drift(node: Node, gpus: list[Gpu]) -> str | None:
 def gather(t: Transport, *, base: str, files: Iterable[str], units: Iterable[str], weights: Iterable[str],
            dirs: Iterable[str], systemd: bool, binaries: Iterable[str] = (),
            commands: Iterable[str] = ()) -> NodeFacts:
-    facts = NodeFacts(node=t.host)
-    r = t.run(["uname", "-sm"], timeout=30)
-    facts.os, facts.arch = parse_uname(r.out)
-    if facts.os == "linux":
-        facts.memory_total = parse_meminfo((t.get("/proc/meminfo") or b"").decode(errors="replace"))
-        smi = t.run(["sh", "-c", "command -v nvidia-smi >/dev/null && nvidia-smi "
-                     "--query-gpu=name,memory.total --format=csv,noheader,nounits || true"], timeout=60)
-        facts.gpus = parse_nvidia_smi(smi.out)
+    """Every probe in one command (one round trip per node), its output cut into sections
+    that the pure parsers above read."""
     files = sorted(set(files))
-    if files:
-        st = t.run(["stat", "-c", "%s %a %n", "--", *files], timeout=60)
-        sizes, facts.modes = parse_stat(st.out)
-        present = [f for f in files if f in sizes]
-        if present:
-            facts.hashes = parse_sha256sum(t.run(["sha256sum", "--", *present], timeout=120).out)
     weights = sorted(set(weights))
-    if weights:
-        st = t.run(["stat", "-c", "%s %a %n", "--", *weights, *(w + ".part" for w in weights)], timeout=60)
-        facts.sizes, _ = parse_stat(st.out)
-    for d in sorted(set(dirs)):
-        probe = t.run(["sh", "-c", 'd="$1"; while [ ! -d "$d" ]; do d=$(dirname "$d"); done; '
-                       'df -B1 --output=avail "$d"', "sh", d], timeout=30)
-        facts.disk_free[d] = parse_df(probe.out)
     units = sorted(set(units))
-    facts.has_systemd = systemd and t.run(["sh", "-c", "command -v systemctl"], timeout=30).ok
-    unit_files = [u for u in units if u.endswith(".service")]
-    if unit_files and facts.has_systemd:
-        facts.units = parse_is_active(unit_files, t.run(["systemctl", "is-active", "--", *unit_files],
-                                                        timeout=30).out)
-    controls = [u for u in units if u.endswith("-ctl.sh")]
-    if controls:
-        # direct manager: each control script's `status` exits 0 when its process runs
-        probe = t.run(["sh", "-c", 'for c; do if [ -x "$c" ] && "$c" status >/dev/null 2>&1; then echo active; '
-                       'else echo inactive; fi; done', "sh", *controls], timeout=60)
-        facts.units.update(parse_is_active(controls, probe.out))
-    ss = t.run(["sh", "-c", "command -v ss >/dev/null && ss -ltnpH || true"], timeout=30)
-    facts.listeners = parse_listeners(ss.out)
-    facts.manifest = parse_manifest(t.get(f"{base}/{MANIFEST}"))
     binaries = sorted(set(binaries))
     commands = sorted(set(commands))
+    unit_files = [u for u in units if u.endswith(".service")]
+    controls = [u for u in units if u.endswith("-ctl.sh")]
+    marker = f"@@clusterctl-{secrets.token_hex(6)}@@"
+
+    def words(items: Iterable[str]) -> str:
+        return " ".join(shlex.quote(i) for i in items)
+
+    def section(name: str, body: str) -> str:
+        return f"echo {marker}{name}\n{body}\n"
+
+    script = section("uname", "uname -sm")
+    script += section("linux", 'if [ "$(uname -s)" = Linux ]; then cat /proc/meminfo; echo ' + marker + "nvidia; "
+                      "command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total "
+                      "--format=csv,noheader,nounits; fi")
+    if files:
+        script += section("stat", f"stat -c '%s %a %n' -- {words(files)} 2>/dev/null")
+        script += section("sha", f'for f in {words(files)}; do [ -f "$f" ] && sha256sum -- "$f"; done')
+    if weights:
+        script += section("wstat", f"stat -c '%s %a %n' -- {words([*weights, *(w + '.part' for w in weights)])}"
+                          " 2>/dev/null")
+    for i, d in enumerate(sorted(set(dirs))):
+        script += section(f"df{i}", f'd={shlex.quote(d)}; while [ ! -d "$d" ]; do d=$(dirname "$d"); done; '
+                          'df -B1 --output=avail "$d"')
+    if systemd:
+        script += section("systemctl", "command -v systemctl")
+        if unit_files:
+            script += section("active", f"command -v systemctl >/dev/null && systemctl is-active -- "
+                              f"{words(unit_files)}")
+    if controls:
+        # direct manager: each control script's `status` exits 0 when its process runs
+        script += section("controls", f'for c in {words(controls)}; do if [ -x "$c" ] && "$c" status >/dev/null '
+                          "2>&1; then echo active; else echo inactive; fi; done")
+    script += section("ss", "command -v ss >/dev/null && ss -ltnpH")
+    script += section("manifest", f"cat -- {shlex.quote(f'{base}/{MANIFEST}')} 2>/dev/null")
     if binaries or commands:
-        # one round trip: executables by path, then (after a marker) commands found on PATH
-        found = t.run(["sh", "-c", 'for f; do if [ "$f" = "--" ]; then echo "--"; '
-                       'elif [ -x "$f" ] || command -v "$f" >/dev/null 2>&1; then echo "$f"; fi; done; true',
-                       "sh", *binaries, "--", *commands], timeout=30)
-        facts.executables, facts.commands = parse_found(found.out)
+        script += section("found", f'for f in {words([*binaries, "--", *commands])}; do if [ "$f" = "--" ]; then '
+                          'echo "--"; elif [ -x "$f" ] || command -v "$f" >/dev/null 2>&1; then echo "$f"; fi; done')
+    script += "true\n"
+    out = parse_sections(t.run(["sh", "-c", script], timeout=300).out, marker)
+
+    facts = NodeFacts(node=t.host)
+    facts.os, facts.arch = parse_uname(out.get("uname", ""))
+    if facts.os == "linux":
+        facts.memory_total = parse_meminfo(out.get("linux", ""))
+        facts.gpus = parse_nvidia_smi(out.get("nvidia", ""))
+    if files:
+        _, facts.modes = parse_stat(out.get("stat", ""))
+        facts.hashes = parse_sha256sum(out.get("sha", ""))
+    if weights:
+        facts.sizes, _ = parse_stat(out.get("wstat", ""))
+    for i, d in enumerate(sorted(set(dirs))):
+        facts.disk_free[d] = parse_df(out.get(f"df{i}", ""))
+    facts.has_systemd = systemd and bool(out.get("systemctl", "").strip())
+    if unit_files and facts.has_systemd:
+        facts.units = parse_is_active(unit_files, out.get("active", ""))
+    if controls:
+        facts.units.update(parse_is_active(controls, out.get("controls", "")))
+    facts.listeners = parse_listeners(out.get("ss", ""))
+    manifest = out.get("manifest", "")
+    facts.manifest = parse_manifest(manifest.encode() if manifest.strip() else None)
+    if binaries or commands:
+        facts.executables, facts.commands = parse_found(out.get("found", "") + "\n")
     return facts
+
+
+def parse_sections(text: str, marker: str) -> dict[str, str]:
+    """Output of the one-command probe: the text after each `MARKERname` line, by name."""
+    out: dict[str, str] = {}
+    name: str | None = None
+    lines: list[str] = []
+    for line in text.splitlines():
+        if line.startswith(marker):
+            if name is not None:
+                out[name] = "\n".join(lines)
+            name, lines = line[len(marker):], []
+        elif name is not None:
+            lines.append(line)
+    if name is not None:
+        out[name] = "\n".join(lines)
+    return out

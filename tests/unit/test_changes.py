@@ -121,3 +121,16 @@ def test_direct_manager_service_that_stopped_is_started() -> None:
     facts = converged()
     facts.units = {"/opt/clusterctl/bin/chat-ctl.sh": "inactive", "/opt/clusterctl/bin/router-ctl.sh": "active"}
     assert [(s.kind, s.target, s.reason) for s in diff(d, facts)] == [("start", "chat", "not running (inactive)")]
+
+
+def test_probe_sections_are_cut_at_the_marker_lines_only() -> None:
+    from clusterctl.facts import parse_found, parse_sections
+
+    m = "@@clusterctl-0a1b2c@@"
+    text = (f"{m}uname\nLinux x86_64\n{m}manifest\n{{\"a\": 1}}\nnot @@clusterctl-0a1b2c@@x at the start\n"
+            f"{m}found\n/opt/x\n--\ncmake\n{m}empty\n")
+    out = parse_sections("noise before\n" + text, m)
+    assert out == {"uname": "Linux x86_64", "manifest": "{\"a\": 1}\nnot @@clusterctl-0a1b2c@@x at the start",
+                   "found": "/opt/x\n--\ncmake", "empty": ""}
+    assert parse_found(out["found"] + "\n") == ({"/opt/x"}, {"cmake"})
+    assert parse_found("--\n") == (set(), set())
