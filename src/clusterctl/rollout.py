@@ -661,8 +661,8 @@ class _NodeRun:
             watcher.join()
 
     def _remote_sha(self, path: str) -> str:
-        r = self.t.run(["sha256sum", "--", path], timeout=3600)
-        return r.out.split()[0] if r.ok and r.out else ""
+        r = self.t.run(["sh", "-c", facts_mod.SHA256_SCRIPT, "sh", path], timeout=3600)
+        return facts_mod.parse_sha256sum(r.out).get(path, "") if r.ok else ""
 
     def _verify_and_place(self, part: str, path: str, sha: str | None, size: int) -> None:
         stat = self.t.run(["stat", "-c", "%s", "--", part], timeout=60)
