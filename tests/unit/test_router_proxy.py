@@ -433,6 +433,17 @@ def test_request_size_limit(make_router: MakeRouter, up: dict[str, Upstream]) ->
     assert len(up["a"].requests()) == 1
 
 
+def test_dispatch_of_methods_paths_and_big_bodies(make_router: MakeRouter, up: dict[str, Upstream]) -> None:
+    r = make_router()
+    resp = httpx.head(f"{r.url}/health")
+    assert resp.status_code == 200 and resp.content == b""
+    assert httpx.put(f"{r.url}/health").status_code == 405
+    assert "X-Clusterctl-Backend" not in httpx.post(f"{r.url}/v1%2Fchat%2Fcompletions", json=chat(model="chat")).headers
+    # over aiohttp's own default body limit (1 MiB), under the route table's (8 MiB): forwarded
+    resp = httpx.post(f"{r.url}{CHAT}", json=chat("x" * 2_000_000, model="chat"), timeout=30)
+    assert resp.headers["X-Clusterctl-Backend"] == "a"
+
+
 def test_bad_json_is_400(make_router: MakeRouter) -> None:
     r = make_router()
     resp = httpx.post(f"{r.url}{CHAT}", content=b"{nope", headers={"Content-Type": "application/json"})

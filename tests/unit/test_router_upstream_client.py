@@ -154,3 +154,28 @@ def test_failures_are_typed() -> None:
             await dead.send(head(dead), b"")
 
     run(script, client)
+
+
+def test_send_idle_uses_only_a_kept_alive_connection() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.read_request()  # type: ignore[attr-defined]
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async def client(pool: Pool) -> None:
+        assert pool.send_idle(head(pool), b"") is None  # nothing pooled yet
+        conn, resp = await pool.send(head(pool), b"first")
+        await resp.head()
+        assert await resp.read_all() == b"ok"
+        pool.release(conn)
+        sent = pool.send_idle(head(pool), b"second")
+        assert sent is not None
+        conn2, resp2 = sent
+        assert conn2 is conn and conn2.reused
+        await resp2.head()
+        assert await resp2.read_all() == b"ok"
+        pool.release(conn2)
+
+    seen = run(script, client)
+    assert [s.rsplit(b"\r\n\r\n", 1)[1] for s in seen] == [b"first", b"second"]

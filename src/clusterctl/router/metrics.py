@@ -46,6 +46,21 @@ class _StateCollector(Collector):
         yield g
 
 
+class _RequestSeries:
+    """The labelled children one (route, backend, status) of requests counts into; a child is
+    made (and so shows in the exposition) when it is first counted into, as `.labels()` would."""
+
+    __slots__ = ("duration", "requests", "tokens_in", "tokens_out", "ttfb")
+
+    def __init__(self, requests: Any, duration: Any) -> None:
+        self.requests = requests
+        self.duration = duration
+        """None for requests that reached no backend: they have no latency series."""
+        self.ttfb: Any = None
+        self.tokens_in: Any = None
+        self.tokens_out: Any = None
+
+
 class Metrics:
     def __init__(self, state: StateSource) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -72,6 +87,7 @@ class Metrics:
                                  ["backend"], registry=r)
         r.register(_StateCollector(state))
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._series: dict[tuple[str, str, int], _RequestSeries] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -83,15 +99,26 @@ class Metrics:
 
     def request(self, route: str, backend: str, status: int, ttfb: float | None, duration: float,
                 tokens_in: int | None, tokens_out: int | None) -> None:
-        self._child(self.requests, route, backend, str(status)).inc()
-        if backend != NONE:
+        series = self._series.get((route, backend, status))
+        if series is None:
+            series = self._series[(route, backend, status)] = _RequestSeries(
+                self._child(self.requests, route, backend, str(status)),
+                None if backend == NONE else self._child(self.duration, route, backend))
+        series.requests.inc()
+        if series.duration is not None:
             if ttfb is not None:
-                self._child(self.ttfb, route, backend).observe(ttfb)
-            self._child(self.duration, route, backend).observe(duration)
+                if series.ttfb is None:
+                    series.ttfb = self._child(self.ttfb, route, backend)
+                series.ttfb.observe(ttfb)
+            series.duration.observe(duration)
         if tokens_in:
-            self._child(self.tokens, route, backend, "in").inc(tokens_in)
+            if series.tokens_in is None:
+                series.tokens_in = self._child(self.tokens, route, backend, "in")
+            series.tokens_in.inc(tokens_in)
         if tokens_out:
-            self._child(self.tokens, route, backend, "out").inc(tokens_out)
+            if series.tokens_out is None:
+                series.tokens_out = self._child(self.tokens, route, backend, "out")
+            series.tokens_out.inc(tokens_out)
 
     def failure(self, backend: str, reason: str) -> None:
         self._child(self.upstream_failures, backend, reason).inc()

@@ -1,5 +1,5 @@
-"""The router's HTTP server: an aiohttp server in front of pooled keep-alive upstream
-connections (upstream.py).
+"""The router's HTTP server: aiohttp's low-level server (requests dispatched by a dictionary
+look-up, no Application) in front of pooled keep-alive upstream connections (upstream.py).
 
 One process, one event loop. Per request: check the client key, read the body (bounded), parse
 it once (orjson) for `model`/`stream`, pick a chain (selection.py), take a slot on the first
@@ -19,7 +19,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -27,6 +28,7 @@ import orjson
 from aiohttp import web
 
 from clusterctl.router.config import RouteTable
+from clusterctl.router.deadline import Deadlines
 from clusterctl.router.keys import ClientKeys, KeyFileError, read_upstream_key
 from clusterctl.router.metrics import CONTENT_TYPE, NONE, Metrics
 from clusterctl.router.selection import Selection, Selector, UnknownModel, parse_classifier_answer, prompt_texts
@@ -41,6 +43,7 @@ CLASSIFIER_PROMPT = ("You route requests to the right model. Answer with exactly
                      "nothing else: {routes}.")
 
 _JSON = "application/json"
+_Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 class JsonLog:
@@ -92,6 +95,19 @@ def _error(status: int, message: str, type_: str, code: str | None = None,
                         headers=headers)
 
 
+async def _read_body(request: web.BaseRequest, limit: int) -> bytes | None:
+    """The request body; None when it is larger than `limit` bytes (it is then not read to its end)."""
+    content = request.content
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await content.readany():
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def find_usage(data: bytes) -> tuple[int, int] | None:
     """(prompt_tokens, completion_tokens) of the last `"usage": {...}` object in a JSON body or
     an SSE tail, read without parsing the rest."""
@@ -106,15 +122,18 @@ def find_usage(data: bytes) -> tuple[int, int] | None:
         start = data.find(b"{", at + 7, at + 64)
         if start < 0 or data[at + 7:start].strip(b" \t\r\n:") != b"":
             continue  # "usage": null, or not a key
-        depth, pos = 0, start
-        while True:
-            nxt = min((i for i in (data.find(b"{", pos), data.find(b"}", pos)) if i >= 0), default=-1)
-            if nxt < 0:
+        depth, pos = 1, start + 1
+        while depth:
+            close = data.find(b"}", pos)
+            if close < 0:
                 return None
-            depth += 1 if data[nxt] == 0x7B else -1
-            pos = nxt + 1
-            if depth == 0:
-                break
+            opened = data.find(b"{", pos, close)
+            if opened >= 0:
+                depth += 1
+                pos = opened + 1
+            else:
+                depth -= 1
+                pos = close + 1
         try:
             usage = orjson.loads(data[start:pos])
         except orjson.JSONDecodeError:
@@ -140,6 +159,15 @@ class _Outcome:
     attempts: int = 0
     error: str | None = None
     prompt: str | None = None
+
+
+@dataclass(slots=True)
+class _Parsed:
+    """A request to forward: its body parsed, as received, and where it goes."""
+
+    body: dict[str, Any]
+    raw: bytes
+    selection: Selection
 
 
 @dataclass(slots=True)
@@ -172,8 +200,10 @@ class Router:
         self._pools = {name: Pool(_upstream_base(b.url), connect_timeout=b.connect_timeout)
                        for name, b in table.backends.items()}
         self._heads: dict[tuple[str, str], bytes] = {}
+        self._deadlines = Deadlines()
         self._tasks: list[asyncio.Task[None]] = []
-        self._runner: web.AppRunner | None = None
+        self._routes = self._make_routes()
+        self._runner: web.ServerRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.port: int | None = None
         self.load_keys()
@@ -212,21 +242,25 @@ class Router:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.table.max_request_bytes)
-        for path in PROXY_PATHS:
-            app.router.add_post(path, self._proxy)
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_route("*", "/{tail:.*}", self._not_found)
-        return app
+    def _make_routes(self) -> dict[tuple[str, str], _Handler]:
+        """(method, path) -> handler; everything else goes to _not_found (404, or 405 on a known path)."""
+        routes: dict[tuple[str, str], _Handler] = {("POST", path): self._proxy for path in PROXY_PATHS}
+        for method in ("GET", "HEAD"):
+            routes[(method, "/v1/models")] = self._models
+            routes[(method, "/health")] = self._health
+            routes[(method, "/metrics")] = self._metrics
+        return routes
+
+    def _dispatch(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        """aiohttp's low-level server calls this for every request: a plain dictionary look-up
+        (an Application's router, match info and Request cost more CPU than this needs)."""
+        return self._routes.get((request.method, request.rel_url.path_safe), self._not_found)(request)
 
     async def start(self, host: str | None = None, port: int | None = None) -> int:
         """Listen (port 0: any free port) and start the health checks; returns the port."""
         self._loop = asyncio.get_running_loop()
-        self._runner = web.AppRunner(self.make_app(), access_log=None, handler_cancellation=True,
-                                     keepalive_timeout=75.0)
+        self._runner = web.ServerRunner(web.Server(self._dispatch, handler_cancellation=True, access_log=None,
+                                                   keepalive_timeout=75.0))
         await self._runner.setup()
         sock = socket.socket(socket.AF_INET6 if ":" in (host or "") else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -317,16 +351,16 @@ class Router:
 
     # -- small endpoints --------------------------------------------------------------------
 
-    def _authorized(self, request: web.Request) -> bool:
+    def _authorized(self, request: web.BaseRequest) -> bool:
         return self.keys.check_header(request.headers.get("Authorization"))
 
-    def _unauthorized(self, request: web.Request, started: float) -> web.Response:
+    def _unauthorized(self, request: web.BaseRequest, started: float) -> web.Response:
         outcome = _Outcome(status=401, error="unauthorized")
         self._finish(request, outcome, started)
         return _error(401, "missing or invalid API key (send Authorization: Bearer <key>)",
                       "authentication_error", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    async def _health(self, request: web.Request) -> web.StreamResponse:
+    async def _health(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         backends = {name: {"up": s.up, "in_flight": s.in_flight, "max_concurrency": s.max_concurrency,
                            "consecutive_failures": s.failures}
@@ -342,7 +376,7 @@ class Router:
         self._finish(request, _Outcome(status=200), started)
         return web.Response(body=body, content_type=_JSON)
 
-    async def _models(self, request: web.Request) -> web.StreamResponse:
+    async def _models(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         if not self._authorized(request):
             return self._unauthorized(request, started)
@@ -357,14 +391,14 @@ class Router:
         self._finish(request, _Outcome(status=200), started)
         return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type=_JSON)
 
-    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+    async def _metrics(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         if not self._authorized(request):
             return self._unauthorized(request, started)
         self._finish(request, _Outcome(status=200), started)
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
-    async def _not_found(self, request: web.Request) -> web.StreamResponse:
+    async def _not_found(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         if not self._authorized(request):
             return self._unauthorized(request, started)
@@ -379,7 +413,7 @@ class Router:
 
     # -- the proxy --------------------------------------------------------------------------
 
-    def _finish(self, request: web.Request, outcome: _Outcome, started: float, *, count: bool = False) -> None:
+    def _finish(self, request: web.BaseRequest, outcome: _Outcome, started: float, *, count: bool = False) -> None:
         """Access log line; metrics for the API paths only (not for /health, /metrics, ...)."""
         duration = time.perf_counter() - started
         if count:
@@ -401,11 +435,15 @@ class Router:
                 record["prompt"] = outcome.prompt
             self.log.write(record)
 
-    async def _proxy(self, request: web.Request) -> web.StreamResponse:
+    async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         outcome = _Outcome(started=started)
         try:
-            response = await self._proxy_inner(request, outcome, started)
+            parsed = await self._read_request(request, outcome)
+            if isinstance(parsed, _Parsed):
+                response = await self._forward(request, parsed.body, parsed.raw, parsed.selection, outcome, started)
+            else:
+                response = parsed
         except asyncio.CancelledError:
             outcome.status = 499
             outcome.error = outcome.error or "client disconnected"
@@ -421,7 +459,9 @@ class Router:
             response.headers["X-Clusterctl-Route"] = outcome.route
         return response
 
-    async def _proxy_inner(self, request: web.Request, outcome: _Outcome, started: float) -> web.StreamResponse:
+    async def _read_request(self, request: web.BaseRequest, outcome: _Outcome) -> _Parsed | web.Response:
+        """Check the key, read and parse the body, pick the route: what to forward, or the error
+        to answer with."""
         if not self.keys.check_header(request.headers.get("Authorization")):
             outcome.status = 401
             outcome.error = "unauthorized"
@@ -432,11 +472,12 @@ class Router:
                            "request_too_large") if (request.content_length or 0) > limit else None
         raw = b""
         if too_large is None:
-            try:
-                raw = await request.read()
-            except web.HTTPRequestEntityTooLarge:
+            body_read = await _read_body(request, limit)
+            if body_read is None:
                 too_large = _error(413, f"request body larger than {limit} bytes", "invalid_request_error",
                                    "request_too_large")
+            else:
+                raw = body_read
         if too_large is not None:
             too_large.force_close()
             return self._reply(outcome, too_large, "request too large")
@@ -463,7 +504,7 @@ class Router:
         if selection is None:
             selection = await self._auto(body)
         outcome.route = selection.route
-        return await self._forward(request, body, raw, selection, outcome, started)
+        return _Parsed(body, raw, selection)
 
     async def _auto(self, body: dict[str, Any]) -> Selection:
         selection = self.selector.by_rules(body)
@@ -517,7 +558,7 @@ class Router:
             pool.release(conn)
             self.dispatcher.release(state)
 
-    async def _forward(self, request: web.Request, body: dict[str, Any], raw: bytes, selection: Selection,
+    async def _forward(self, request: web.BaseRequest, body: dict[str, Any], raw: bytes, selection: Selection,
                        outcome: _Outcome, started: float) -> web.StreamResponse:
         stream = body.get("stream") is True
         path = request.path
@@ -528,7 +569,8 @@ class Router:
         payloads: dict[str, bytes] = {}
         while True:
             try:
-                state = await self.dispatcher.acquire(selection.route, selection.chain, exclude)
+                state = (self.dispatcher.acquire_nowait(selection.chain, exclude)
+                         or await self.dispatcher.acquire(selection.route, selection.chain, exclude))
             except NoBackend as exc:
                 if isinstance(exc, Exhausted) and relay is not None:
                     outcome.backend = relay_backend
@@ -582,35 +624,46 @@ class Router:
                     outcome.error = "client disconnected"
             return result
 
-    async def _attempt(self, request: web.Request, state: BackendState, path: str, payload: bytes, stream: bool,
+    async def _attempt(self, request: web.BaseRequest, state: BackendState, path: str, payload: bytes, stream: bool,
                        selection: Selection, outcome: _Outcome, started: float,
                        fresh: bool = False) -> web.StreamResponse | _Failed:
-        """One try on one backend. Everything up to the first byte for the client is covered by
-        the backend's timeout; a failure there is a _Failed for the caller to act on."""
+        """One try on one backend, covered by the backend's timeout (one timer for all of it). A
+        failure before the first byte for the client is a _Failed for the caller to act on; a
+        stream that fails after it is cut (see _stream_broke)."""
         assert self._loop is not None
         pool = self._pools[state.name]
-        deadline = self._loop.time() + state.config.timeout
         conn = None
+        streamed: web.StreamResponse | None = None
         try:
             try:
-                async with asyncio.timeout_at(deadline):
-                    conn, up = await pool.send(self._heads[(state.name, path)], payload, fresh=fresh)
+                async with self._deadlines.at(self._loop.time() + state.config.timeout):
+                    head = self._heads[(state.name, path)]
+                    conn, up = (None if fresh else pool.send_idle(head, payload)) or await pool.send(
+                        head, payload, fresh=fresh)
                     await up.head()
                     status = up.status
                     if status >= 500 or not stream or status >= 300:
                         data = await up.read_all()
                     else:
                         data = await up.read_chunk()
+                        if data:
+                            streamed = web.StreamResponse(status=status, headers=self._stream_headers(
+                                state.name, selection.route, up.headers.get("content-type", _JSON)))
+                            return await self._relay_stream(request, state, up, data, streamed, selection,
+                                                            outcome)
             except TimeoutError:
-                return _Failed("timeout", "timed out before the first byte")
+                if streamed is None or not streamed.prepared:
+                    return _Failed("timeout", "timed out before the first byte")
+                outcome.error = f"upstream stream timed out after {outcome.bytes_sent} bytes"
+                self._stream_broke(request, state, selection, "timeout")
+                return streamed
             except UpstreamError as exc:
                 retry_same = isinstance(exc, Disconnected) and conn is not None and conn.reused
                 # a body that broke before anything reached the client: as good as no answer
                 reason = "disconnected" if isinstance(exc, BodyBroken) else exc.reason
                 return _Failed(reason, str(exc), retry_same=retry_same)
-            content_type = up.headers.get("content-type", _JSON)
             if status >= 500 or not stream or status >= 300:
-                headers = {"Content-Type": content_type, "X-Clusterctl-Backend": state.name,
+                headers = {"Content-Type": up.headers.get("content-type", _JSON), "X-Clusterctl-Backend": state.name,
                            "X-Clusterctl-Route": selection.route}
                 response = web.Response(status=status, body=data, headers=headers)
                 if status >= 500:
@@ -621,68 +674,94 @@ class Router:
                     if usage is not None:
                         outcome.tokens_in, outcome.tokens_out = usage
                 return response  # sent by the caller, once the upstream connection is back in the pool
-            if not data:
-                return _Failed("empty_stream", "stream ended before its first byte")
-            return await self._relay_stream(request, state, up, data, content_type, selection, outcome, deadline)
+            return _Failed("empty_stream", "stream ended before its first byte")
         finally:
             pool.release(conn)
 
-    async def _relay_stream(self, request: web.Request, state: BackendState, up: Response, first: bytes,
-                            content_type: str, selection: Selection, outcome: _Outcome,
-                            deadline: float) -> web.StreamResponse:
-        response = web.StreamResponse(status=up.status, headers={
-            "Content-Type": content_type, "Cache-Control": "no-cache", "X-Clusterctl-Backend": state.name,
-            "X-Clusterctl-Route": selection.route})
+    def _stream_headers(self, backend: str, route: str, content_type: str) -> dict[str, str]:
+        return {"Content-Type": content_type, "Cache-Control": "no-cache", "X-Clusterctl-Backend": backend,
+                "X-Clusterctl-Route": route}
+
+    async def _relay_stream(self, request: web.BaseRequest, state: BackendState, up: Response, first: bytes,
+                            response: web.StreamResponse, selection: Selection,
+                            outcome: _Outcome) -> web.StreamResponse:
+        """Send the stream's head and its bytes as they come (the caller's timeout covers it)."""
         outcome.status = up.status
         state.record_success()
         try:
-            await response.prepare(request)
-            await response.write(first)
+            writer = await response.prepare(request)
+            assert writer is not None
+            if up.at_eof:  # the whole stream came at once: one write with the end of the body
+                await response.write_eof(first)
+            else:
+                await writer.write(first)
         except ConnectionError:
             outcome.status = 499
             outcome.error = "client disconnected"
             return response
         outcome.ttfb = time.perf_counter() - outcome.started
         outcome.bytes_sent = len(first)
-        tail = first[-USAGE_TAIL:]
+        tail = _Tail(first)
         read = up.read_chunk
-        write = response.write
-        broke: str | None = None
-        try:
-            async with asyncio.timeout_at(deadline):
-                while True:
-                    try:
-                        chunk = await read()
-                    except UpstreamError as exc:
-                        broke = exc.reason
-                        outcome.error = f"upstream stream broke after {outcome.bytes_sent} bytes ({exc})"
-                        break
-                    if not chunk:
-                        break
-                    try:
-                        await write(chunk)
-                    except ConnectionError:
-                        outcome.status = 499
-                        outcome.error = "client disconnected"
-                        return response
-                    outcome.bytes_sent += len(chunk)
-                    tail = chunk[-USAGE_TAIL:] if len(chunk) >= USAGE_TAIL else (tail + chunk)[-USAGE_TAIL:]
-        except TimeoutError:
-            broke = "timeout"
-            outcome.error = f"upstream stream timed out after {outcome.bytes_sent} bytes"
-        if broke is not None:
-            self._failure(state, broke)
-            self.metrics.truncated_stream(selection.route, state.name)
-            transport = request.transport
-            if transport is not None:
-                transport.abort()  # the client must see an incomplete response, not a clean end
-            return response
-        usage = find_usage(tail)
+        write = writer.write
+        while not up.at_eof:
+            try:
+                chunk = await read()
+            except UpstreamError as exc:
+                outcome.error = f"upstream stream broke after {outcome.bytes_sent} bytes ({exc})"
+                self._stream_broke(request, state, selection, exc.reason)
+                return response
+            if not chunk:
+                break
+            try:
+                if up.at_eof:  # the last bytes: sent with the end of the body
+                    await response.write_eof(chunk)
+                else:
+                    await write(chunk)
+            except ConnectionError:
+                outcome.status = 499
+                outcome.error = "client disconnected"
+                return response
+            outcome.bytes_sent += len(chunk)
+            tail.add(chunk)
+        usage = find_usage(tail.value())
         if usage is not None:
             outcome.tokens_in, outcome.tokens_out = usage
         with contextlib.suppress(ConnectionError):
-            await response.write_eof()
+            await response.write_eof()  # nothing to do when the last chunk already ended the body
         return response
+
+    def _stream_broke(self, request: web.BaseRequest, state: BackendState, selection: Selection, reason: str) -> None:
+        """The upstream failed after the first byte: count it, and cut the client's connection so
+        that it sees an incomplete response, not a clean end."""
+        self._failure(state, reason)
+        self.metrics.truncated_stream(selection.route, state.name)
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+
+
+class _Tail:
+    """The last USAGE_TAIL bytes of a stream (where its usage report is), kept as the chunks that
+    hold them so that a chunk costs no copy."""
+
+    __slots__ = ("_chunks", "_size")
+
+    def __init__(self, first: bytes) -> None:
+        self._chunks = deque((first,))
+        self._size = len(first)
+
+    def add(self, chunk: bytes) -> None:
+        chunks = self._chunks
+        chunks.append(chunk)
+        self._size += len(chunk)
+        while self._size - len(chunks[0]) >= USAGE_TAIL:
+            self._size -= len(chunks.popleft())
+
+    def value(self) -> bytes:
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return data[-USAGE_TAIL:]
 
 
 def _use_uvloop() -> Callable[..., Any]:

@@ -150,6 +150,13 @@ class Dispatcher:
                 return state
         return None
 
+    def acquire_nowait(self, chain: Iterable[str], exclude: frozenset[str] = frozenset()) -> BackendState | None:
+        """What acquire() would return at once, without a queue to wait in: None when nothing of
+        the chain is free now or when requests are queued (they come first; acquire() decides)."""
+        if self._waiters:
+            return None
+        return self.try_acquire(chain, exclude)
+
     async def acquire(self, route: str, chain: tuple[str, ...],
                       exclude: frozenset[str] = frozenset()) -> BackendState:
         """A slot on the first backend of `chain` (not in `exclude`) that is up and not full;

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
 MAX_HEAD = 64 * 1024
+_WS = " \t\r\n\x0b\x0c"
+"""What bytes.strip() strips (a head is parsed as latin-1 text, where str.strip() would strip more)."""
 PAUSE_AT = 1 << 20
 """Buffered body bytes above which reading from the upstream pauses until the consumer catches up."""
 
@@ -49,8 +51,7 @@ class ProtocolFailure(UpstreamError):
 class Response:
     """One upstream response: `await head()`, then `read_chunk()` until b"" or `read_all()`."""
 
-    __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_head_waiter", "_paused", "_size", "_waiter", "headers",
-                 "status")
+    __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_paused", "_size", "_waiter", "headers", "status")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
@@ -61,15 +62,12 @@ class Response:
         self._eof = False
         self._exc: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._head_waiter: asyncio.Future[None] | None = None
         self._paused = False
 
     # -- fed by the connection --
 
     def _got_head(self) -> None:
-        w = self._head_waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        self._wake()
 
     def _got_data(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -87,35 +85,46 @@ class Response:
         if self._exc is None and not self._eof:
             self._exc = exc
         self._wake()
-        w = self._head_waiter
-        if w is not None and not w.done():
-            w.set_result(None)
 
     def _wake(self) -> None:
         w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
 
     # -- read by the caller --
 
+    @property
+    def at_eof(self) -> bool:
+        """True when the body has ended and every byte of it was read: read_chunk() would return b""."""
+        return self._eof and not self._chunks
+
     async def head(self) -> None:
-        if self.status == 0 and self._exc is None:
-            self._head_waiter = asyncio.get_running_loop().create_future()
-            await self._head_waiter
+        while self.status == 0 and self._exc is None:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
         if self.status == 0:
             raise self._exc or Disconnected("no response")
 
     async def read_chunk(self) -> bytes:
         """The body bytes that arrived since the last call (waits for some); b"" at the end."""
-        while not self._chunks:
+        chunks = self._chunks
+        while not chunks:
             if self._exc is not None:
                 raise self._exc
             if self._eof:
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks.clear()
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
         self._size = 0
         if self._paused and self._conn.transport is not None:
             self._paused = False
@@ -123,6 +132,11 @@ class Response:
         return data
 
     async def read_all(self) -> bytes:
+        if self._eof and self._exc is None:  # all of it is here already (a small answer, usually)
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            self._size = 0
+            return data
         parts: list[bytes] = []
         while True:
             data = await self.read_chunk()
@@ -139,7 +153,8 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.idle_since = 0.0
         self.response: Response | None = None
-        self._buf = bytearray()
+        self._buf = b""
+        """Received bytes not parsed yet (an incomplete head, chunk size line or chunk end)."""
         self._state = _DONE
         self._remaining = 0
 
@@ -169,13 +184,15 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
             return
         if self._buf:
-            self._buf += data
-        else:
-            self._buf = bytearray(data)
+            data = self._buf + data
+            self._buf = b""
         try:
-            self._parse()
+            pos = self._parse(data)
         except (ValueError, IndexError) as exc:
             self._protocol_error(f"bad response framing: {exc}")
+            return
+        if pos < len(data):
+            self._buf = data[pos:]
 
     # -- the parser --
 
@@ -185,111 +202,123 @@ class _Connection(asyncio.Protocol):
         if r is not None:
             r._fail(ProtocolFailure(message) if self._state == _HEAD else BodyBroken(message))
         self._state = _DONE
+        self._buf = b""
         if self.transport is not None:
             self.transport.close()
 
-    def _parse(self) -> None:
-        buf = self._buf
+    def _parse(self, data: bytes) -> int:
+        """Parse `data` from its start; returns how much of it was consumed (the rest is an
+        incomplete piece that needs the next bytes). Bytes are only copied to hand body bytes over
+        (not at all when a read holds nothing but body bytes)."""
         r = self.response
         assert r is not None
-        while buf:
+        pos = 0
+        size = len(data)
+        while pos < size:
             state = self._state
-            if state == _HEAD:
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > MAX_HEAD:
-                        self._protocol_error("response head too large")
-                    return
-                lines = bytes(buf[:end]).split(b"\r\n")
-                del buf[:end + 4]
-                version, _, rest = lines[0].partition(b" ")
-                status = int(rest[:3])
-                if not version.startswith(b"HTTP/1."):
-                    self._protocol_error("not an HTTP/1.x response")
-                    return
-                if 100 <= status < 200:
-                    continue  # an interim answer (100 Continue): the real one follows
-                headers: dict[str, str] = {}
-                for line in lines[1:]:
-                    name, sep, value = line.partition(b":")
-                    if sep:
-                        key = name.strip().lower().decode("latin-1")
-                        val = value.strip().decode("latin-1")
-                        headers[key] = f"{headers[key]}, {val}" if key in headers else val
-                connection = headers.get("connection", "").lower()
-                if version == b"HTTP/1.1":
-                    self.keep_alive = "close" not in connection
-                else:
-                    self.keep_alive = "keep-alive" in connection
-                r.status = status
-                r.headers = headers
-                if status in (204, 304):
-                    self._finish()
-                elif "chunked" in headers.get("transfer-encoding", "").lower():
-                    self._state = _CHUNK_SIZE
-                elif "content-length" in headers:
-                    self._remaining = int(headers["content-length"])
-                    self._state = _LENGTH
-                    if self._remaining == 0:
-                        self._finish()
-                else:
-                    self._state = _UNTIL_CLOSE
-                    self.keep_alive = False
-                r._got_head()
-            elif state == _LENGTH:
-                n = len(buf)
-                if n <= self._remaining:
-                    r._got_data(bytes(buf))
-                    buf.clear()
-                    self._remaining -= n
-                else:
-                    r._got_data(bytes(buf[:self._remaining]))
-                    del buf[:self._remaining]
-                    self._remaining = 0
-                if self._remaining == 0:
-                    self._finish()
-            elif state == _CHUNK_SIZE:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > 1024:
-                        self._protocol_error("chunk size line too long")
-                    return
-                size = int(bytes(buf[:end]).split(b";", 1)[0].strip(), 16)
-                del buf[:end + 2]
-                if size == 0:
-                    self._state = _TRAILERS
-                else:
-                    self._remaining = size
-                    self._state = _CHUNK_DATA
-            elif state == _CHUNK_DATA:
-                n = min(len(buf), self._remaining)
-                r._got_data(bytes(buf[:n]))
-                del buf[:n]
+            if state in (_CHUNK_DATA, _LENGTH):
+                n = min(size - pos, self._remaining)
+                r._got_data(data[pos:pos + n])
+                pos += n
                 self._remaining -= n
                 if self._remaining == 0:
-                    self._state = _CHUNK_CRLF
-            elif state == _CHUNK_CRLF:
-                if len(buf) < 2:
-                    return
-                if buf[:2] != b"\r\n":
-                    self._protocol_error("missing CRLF after a chunk")
-                    return
-                del buf[:2]
-                self._state = _CHUNK_SIZE
-            elif state == _TRAILERS:
-                end = buf.find(b"\r\n")
+                    if state == _LENGTH:
+                        self._finish()
+                    else:
+                        self._state = _CHUNK_CRLF
+            elif state == _CHUNK_SIZE:
+                end = data.find(b"\r\n", pos)
                 if end < 0:
-                    return
-                del buf[:end + 2]
-                if end == 0:
+                    if size - pos > 1024:
+                        self._protocol_error("chunk size line too long")
+                        return size
+                    return pos
+                line = data[pos:end]
+                if b";" in line:
+                    line = line.split(b";", 1)[0]
+                chunk_size = int(line, 16)
+                if chunk_size < 0:
+                    raise ValueError(f"negative chunk size {line!r}")
+                pos = end + 2
+                if chunk_size == 0:
+                    self._state = _TRAILERS
+                else:
+                    self._remaining = chunk_size
+                    self._state = _CHUNK_DATA
+            elif state == _CHUNK_CRLF:
+                if size - pos < 2:
+                    return pos
+                if not data.startswith(b"\r\n", pos):
+                    self._protocol_error("missing CRLF after a chunk")
+                    return size
+                pos += 2
+                self._state = _CHUNK_SIZE
+            elif state == _HEAD:
+                end = data.find(b"\r\n\r\n", pos)
+                if end < 0:
+                    if size - pos > MAX_HEAD:
+                        self._protocol_error("response head too large")
+                        return size
+                    return pos
+                head = data[pos:end].decode("latin-1")
+                pos = end + 4
+                if not self._parse_head(head, r):
+                    return size
+            elif state == _TRAILERS:
+                end = data.find(b"\r\n", pos)
+                if end < 0:
+                    return pos
+                if end == pos:
                     self._finish()
+                pos = end + 2
             elif state == _UNTIL_CLOSE:
-                r._got_data(bytes(buf))
-                buf.clear()
+                r._got_data(data[pos:])
+                return size
             else:  # bytes after the end of the response: do not reuse this connection
                 self.keep_alive = False
-                buf.clear()
-                return
+                return size
+        return pos
+
+    def _parse_head(self, head: str, r: Response) -> bool:
+        """Act on a response head (without its final blank line); False after a protocol error."""
+        lines = head.split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        status = int(rest[:3])
+        if not version.startswith("HTTP/1."):
+            self._protocol_error("not an HTTP/1.x response")
+            return False
+        if 100 <= status < 200:
+            return True  # an interim answer (100 Continue): the real one follows
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                key = name.strip(_WS).lower()
+                val = value.strip(_WS)
+                headers[key] = f"{headers[key]}, {val}" if key in headers else val
+        connection = headers.get("connection", "").lower()
+        if version == "HTTP/1.1":
+            self.keep_alive = "close" not in connection
+        else:
+            self.keep_alive = "keep-alive" in connection
+        r.status = status
+        r.headers = headers
+        if status in (204, 304):
+            self._finish()
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            self._state = _CHUNK_SIZE
+        elif "content-length" in headers:
+            self._remaining = int(headers["content-length"])
+            if self._remaining < 0:
+                raise ValueError("negative Content-Length")
+            self._state = _LENGTH
+            if self._remaining == 0:
+                self._finish()
+        else:
+            self._state = _UNTIL_CLOSE
+            self.keep_alive = False
+        r._got_head()
+        return True
 
     def _finish(self) -> None:
         self._state = _DONE
@@ -304,7 +333,7 @@ class _Connection(asyncio.Protocol):
         response = Response(self)
         self.response = response
         self._state = _HEAD
-        self._buf = bytearray()
+        self._buf = b""
         self.transport.write(data)
         return response
 
@@ -372,6 +401,14 @@ class Pool:
         conn = None if fresh else self._take_idle()
         if conn is None:
             conn = await self._connect()
+        return self._send_on(conn, head, body)
+
+    def send_idle(self, head: bytes, body: bytes) -> tuple[_Connection, Response] | None:
+        """send() on a pooled connection without waiting: None when there is no idle one."""
+        conn = self._take_idle()
+        return None if conn is None else self._send_on(conn, head, body)
+
+    def _send_on(self, conn: _Connection, head: bytes, body: bytes) -> tuple[_Connection, Response]:
         data = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
         try:
             return conn, conn.send(data)
