@@ -356,7 +356,8 @@ class CountingTransport:
 
     def run(self, argv: Sequence[str], **kwargs: Any) -> Any:
         words = list(argv)
-        label = f"sh -c '{words[2][:40]}'" if words[:2] == ["sh", "-c"] and len(words) > 2 else shlex.join(words)[:80]
+        label = (f"sh -c '{words[2][:40]}' {shlex.join(words[3:])}" if words[:2] == ["sh", "-c"] and len(words) > 2
+                 else shlex.join(words)[:80])
         return self._timed(f"run {label}", lambda: self._inner.run(argv, **kwargs))
 
     def put(self, path: str, data: bytes, **kwargs: Any) -> None:
@@ -405,10 +406,11 @@ def clusterctl_trace(inventory: Path, *, cold: bool = False) -> Trace:
 
 #: Where a traced cold deploy's time goes, by what the transport was asked to do.
 CATEGORIES = (
-    ("connect + first command", lambda w: w.startswith("run uname")),
+    ("connect + facts (one command)", lambda w: w.startswith("run sh -c") and "@@clusterctl-" in w),
     ("copy the model (SFTP)", lambda w: w.startswith("sftp push") and "/models/" in w),
     ("copy the binaries (SFTP)", lambda w: w.startswith("sftp push")),
-    ("sha256sum of the copies on the node", lambda w: w.startswith("run sha256sum") and ".part" in w),
+    ("sha256 of the copies on the node", lambda w: w.startswith("run sh -c") and "command -v openssl" in w
+     and ".part" in w),
     ("systemctl (daemon-reload, enable, restart ...)", lambda w: w.startswith("run systemctl")),
     ("health polls (curl on the node)", lambda w: w.startswith("run curl")),
     ("other commands and SFTP requests", lambda w: True),
@@ -770,6 +772,11 @@ def details(args: argparse.Namespace, res: Results) -> str:
             out.append(f"| {name} | " + " | ".join(f"{max(c[name] for c in cats[k]):.2f}" for k in sizes) + " |")
         out.append("| whole deploy (in-process: no start-up, local hashes cached) | "
                    + " | ".join(f"{res.cold_traces[k].seconds:.2f}" for k in sizes) + " |")
+        # how far the nodes' work overlapped: the time all nodes spent in remote operations,
+        # divided by the wall time of the deploy (4.0 = four nodes busy for the whole deploy)
+        busy = {k: sum(op.seconds for ops in res.cold_traces[k].ops.values() for op in ops) for k in sizes}
+        out.append("| nodes busy at once (sum of the nodes' operation time / wall time) | "
+                   + " | ".join(f"{busy[k] / res.cold_traces[k].seconds:.2f}" for k in sizes) + " |")
     return "\n".join(out)
 
 

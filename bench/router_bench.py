@@ -9,7 +9,12 @@ Upstreams (127.0.0.1 only):
 * `json`: nginx answering a fixed chat completion (`return 200 '{...}'`);
 * `sse-burst`: nginx answering a fixed SSE stream (role chunk, 16 tokens, usage, [DONE]) at once;
 * `sse-paced`: bench/router_sse.py sending the same 16 tokens 20 ms apart, like a model would
-  (about 340 ms a stream), which is where the added latency of a stream is measured.
+  (about 340 ms a stream), which is where the added latency of a stream is measured. Every
+  stream lasts the same, so a closed loop keeps all connections in step: they start their
+  next stream in the same millisecond, every time (a worst case for any proxy);
+* `sse-staggered`: the same streams, each connection waiting a random 0-40 ms (wrk's
+  `delay()`, not counted in the latency) before its next one, so that streams start at
+  different times as they do when clients are independent.
 
 Every load run is bounded in time (`--duration` seconds, wrk's own clock, and a hard timeout
 around it). LiteLLM lives in its own virtual environment (created when missing, see
@@ -45,6 +50,7 @@ LITELLM_KEY = "sk-bench-master"
 ROUTER_KEY = "sk-bench-client"
 STREAM_TOKENS = 16
 PACE_S = 0.02
+STAGGER_MS = 40
 
 CHAT_JSON = ('{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"m",'
              '"choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},'
@@ -235,6 +241,7 @@ wrk.method = "POST"
 wrk.body = {body}
 wrk.headers["Content-Type"] = "application/json"
 {auth}
+{think}
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -251,12 +258,13 @@ def lua_string(text: str) -> str:
 
 
 def wrk(url: str, model: str, stream: bool, key: str | None, concurrency: int, duration: float,
-        workdir: Path) -> dict[str, float]:
+        workdir: Path, think_ms: int = 0) -> dict[str, float]:
     body = json.dumps({"model": model, "stream": stream, "max_tokens": 16,
                        "messages": [{"role": "user", "content": "Hello, who are you?"}]})
-    script = workdir / f"wrk-{abs(hash((url, model, stream, key)))}.lua"
+    script = workdir / f"wrk-{abs(hash((url, model, stream, key, think_ms)))}.lua"
     auth = f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""
-    script.write_text(WRK_LUA.format(body=lua_string(body), auth=auth))
+    think = f"delay = function() return math.random(0, {think_ms}) end" if think_ms else ""
+    script.write_text(WRK_LUA.format(body=lua_string(body), auth=auth, think=think))
     threads = max(1, min(2, concurrency))
     argv = ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{duration:g}s", "--timeout", "10s", "-s", str(script),
             url]
@@ -288,6 +296,7 @@ class Scenario:
     name: str
     stream: bool
     path: str  # the upstream's base path (nginx serves the SSE body under /sse)
+    think_ms: int = 0  # each connection waits a random 0..think_ms before its next request
 
 
 def router_table(workdir: Path, backends: dict[str, str], routes: dict[str, list[str]], port: int,
@@ -356,7 +365,8 @@ def ms(us: float) -> str:
 
 def run_bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    scenarios = [Scenario("json", False, ""), Scenario("sse-burst", True, "/sse"), Scenario("sse-paced", True, "")]
+    scenarios = [Scenario("json", False, ""), Scenario("sse-burst", True, "/sse"), Scenario("sse-paced", True, ""),
+                 Scenario("sse-staggered", True, "", think_ms=STAGGER_MS)]
     scenarios = [s for s in scenarios if s.name in args.scenarios.split(",")]
     procs: list[Proc] = []
     results: dict[str, Any] = {"facts": machine_facts(), "rows": [], "failover": None,
@@ -371,11 +381,13 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         wait_http(sse, f"http://127.0.0.1:{sse_port}/health", 15)
         upstream = {"json": f"http://127.0.0.1:{ngx_port}", "sse-burst": f"http://127.0.0.1:{ngx_port}/sse",
                     "sse-paced": f"http://127.0.0.1:{sse_port}"}
+        upstream["sse-staggered"] = upstream["sse-paced"]
         router_port = free_port()
         # one route per scenario, named after it, with one backend
         table = router_table(workdir, {"json": upstream["json"], "sseburst": upstream["sse-burst"],
                                        "ssepaced": upstream["sse-paced"]},
-                             {"json": ["json"], "sse-burst": ["sseburst"], "sse-paced": ["ssepaced"]}, router_port)
+                             {"json": ["json"], "sse-burst": ["sseburst"], "sse-paced": ["ssepaced"],
+                              "sse-staggered": ["ssepaced"]}, router_port)
         router = start_router(workdir, table, router_port)
         procs.append(router)
         targets_for: dict[str, list[Target]] = {}
@@ -400,8 +412,9 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 for _ in range(args.repeat):  # interleaved, so that a noisy moment hits every target alike
                     for t in targets_for[s.name]:
                         # a short warm-up (connections, caches), then the measured run
-                        wrk(t.url, t.model, s.stream, t.key, c, 1, workdir)
-                        runs[t.name].append(wrk(t.url, t.model, s.stream, t.key, c, args.duration, workdir))
+                        wrk(t.url, t.model, s.stream, t.key, c, 1, workdir, s.think_ms)
+                        runs[t.name].append(wrk(t.url, t.model, s.stream, t.key, c, args.duration, workdir,
+                                                s.think_ms))
                 for t in targets_for[s.name]:
                     r = _median_run(runs[t.name])
                     row[t.name] = r
@@ -572,7 +585,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured run")
     parser.add_argument("--repeat", type=int, default=1, help="runs per measurement; the table shows medians")
     parser.add_argument("--concurrency", default="1,16,64,256")
-    parser.add_argument("--scenarios", default="json,sse-burst,sse-paced")
+    parser.add_argument("--scenarios", default="json,sse-burst,sse-paced,sse-staggered")
     parser.add_argument("--litellm-workers", type=int, default=2)
     parser.add_argument("--skip-litellm", action="store_true")
     parser.add_argument("--skip-failover", action="store_true")
