@@ -359,6 +359,8 @@ def _add_llama_engine(inv: Inventory, d: Desired, node: Node) -> None:
 
 BUILD_TIMEOUT = 4 * 3600.0
 PULL_POLL = 1.0  # seconds between size reports of a node-side download
+HEALTH_POLL_FIRST = 0.1  # seconds before the second health probe of a restarted service, doubling
+HEALTH_POLL_MAX = 1.0
 
 # Builds llama.cpp on the node: $1 archive, $2 work folder (kept: extracted source and build
 # tree, so a later build with more targets is incremental), $3 subdir ("" = find it), $4 jobs
@@ -770,6 +772,7 @@ class _NodeRun:
         timeout = spec.startup_timeout if spec else 60.0
         host = local_host(bind)
         deadline = time.monotonic() + timeout
+        pause = HEALTH_POLL_FIRST
         while time.monotonic() < deadline:
             if health is None:
                 probe = self.t.run(["bash", "-c", f"exec 3<>/dev/tcp/{shlex.quote(host)}/{int(port)}"], timeout=10)
@@ -782,7 +785,8 @@ class _NodeRun:
                     return None
             if not self._alive(service):
                 return f"{service} exited during start-up"
-            time.sleep(1.0)
+            time.sleep(pause)
+            pause = min(pause * 2, HEALTH_POLL_MAX)  # a small model answers within a second
         return f"{service} not healthy after {timeout:.0f} s"
 
     def _alive(self, service: str) -> bool:
