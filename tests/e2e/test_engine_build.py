@@ -33,13 +33,8 @@ BIN = "/opt/clusterctl/engines/llama.cpp/bin"
 def _inventory(tb: Testbed, tmp: Path, extra_flags: str = "") -> Path:
     n1, n2 = tb.node("node1"), tb.node("node2")
     archive = assets.llama_source_archive()
-    text = textwrap.dedent(f"""\
-        cluster:
-          name: build
-          ssh: {{user: root, key: '{tb.key_path}', known_hosts: '{tb.known_hosts}', connect_timeout: 5s}}
-          defaults: {{models_dir: /opt/models}}
-          engines:
-            llama_cpp_build: {{source: 'file://{archive}', jobs: 2{extra_flags}}}
+    text = tb.cluster_yaml("build", f"llama_cpp_build: {{source: 'file://{archive}', jobs: 2{extra_flags}}}")
+    text += textwrap.dedent(f"""\
         nodes:
           node1: {{address: {n1.ip}, ram: 4GiB}}
           node2: {{address: {n2.ip}, ram: 4GiB}}

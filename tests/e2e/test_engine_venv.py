@@ -35,13 +35,8 @@ LINK = "/opt/clusterctl/engines/vllm"
 
 
 def _inventory(tb: Testbed, tmp: Path, requirement: str) -> Path:
-    text = textwrap.dedent(f"""\
-        cluster:
-          name: venv
-          ssh: {{user: root, key: '{tb.key_path}', known_hosts: '{tb.known_hosts}', connect_timeout: 5s}}
-          defaults: {{models_dir: /opt/models}}
-          engines:
-            vllm: {{requirement: '{requirement}', python: /usr/bin/python3, find_links: '{assets.wheelhouse()}'}}
+    engine = f"vllm: {{requirement: '{requirement}', python: /usr/bin/python3, find_links: '{assets.wheelhouse()}'}}"
+    text = tb.cluster_yaml("venv", engine) + textwrap.dedent(f"""\
         nodes:
           node1: {{address: {tb.node("node1").ip}, ram: 8GiB}}
         models:

@@ -555,6 +555,15 @@ class Testbed:
                 "-o", "GlobalKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
                 "-o", "LogLevel=ERROR"]
 
+    def cluster_yaml(self, name: str, engines: str) -> str:
+        """An inventory's `cluster:` block for this testbed: its SSH key and known_hosts, models
+        in /opt/models, and `engines` (YAML lines, indented under `engines:`)."""
+        return (f"cluster:\n  name: {name}\n"
+                f"  ssh: {{user: root, key: '{self.key_path}', known_hosts: '{self.known_hosts}', "
+                "connect_timeout: 5s}\n"
+                "  defaults: {models_dir: /opt/models}\n"
+                "  engines:\n" + "".join(f"    {line}\n" for line in engines.splitlines()))
+
     def node(self, name: str) -> Node:
         for node in self.nodes:
             if node.name == name:
