@@ -3,10 +3,16 @@ diff's build / install / restart steps. Pure."""
 
 from __future__ import annotations
 
+import json
+import textwrap
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
 from clusterctl.changes import Desired, Step, WeightFile, diff
+from clusterctl.cli import app
 from clusterctl.engines import COMMON_FLAGS, LlamaBuild, backend_label, build_key, cmake_flags, venv_install
 from clusterctl.facts import NodeFacts
 from clusterctl.inventory import Engines, LlamaCppBuild, Node, PythonEngine
@@ -144,3 +150,36 @@ def test_venv_paths_are_per_requirement_behind_a_stable_link() -> None:
     assert VENV.venv != other.venv and VENV.venv.startswith("/opt/clusterctl/engines/vllm-")
     mlx = venv_install(node(os="macos", unified_memory="64GiB"), "mlx-lm", PythonEngine(requirement="mlx-lm==0.28.1"))
     assert mlx.binary == "/usr/local/clusterctl/engines/mlx-lm/bin/mlx_lm.server"
+
+
+def test_plan_lists_the_builds_and_installs_each_node_needs(tmp_path: Path) -> None:
+    from tests import assets
+
+    model = assets.write_llama_like(tmp_path / "m.gguf")
+    inv = tmp_path / "b.yaml"
+    inv.write_text(textwrap.dedent(f"""\
+        cluster:
+          name: b
+          engines:
+            llama_cpp_build: {{source: 'https://example.org/llama.cpp-b6000.tar.gz', sha256: '{"ab" * 32}'}}
+            vllm: {{requirement: 'vllm==0.11.0'}}
+        nodes:
+          gpu: {{address: 10.0.0.2, accelerators: [{{kind: cuda, memory: 24GiB}}]}}
+          cpu: {{address: 10.0.0.3, ram: 16GiB}}
+        models:
+          m: {{source: 'file://{model}'}}
+        services:
+          head: {{engine: llama-server, node: gpu, model: m, port: 8080, context: 1024, rpc_workers: [w]}}
+          w: {{engine: rpc-server, node: cpu, port: 50052, bind: 10.0.0.3}}
+          own: {{engine: llama-server, node: cpu, model: m, port: 8081, context: 1024, binary: /usr/bin/llama-server}}
+          big: {{engine: vllm, node: gpu, model: m, port: 8000, context: 1024}}
+        """))
+    assert CliRunner().invoke(app, ["resolve", str(inv)]).exit_code == 0
+    result = CliRunner().invoke(app, ["plan", str(inv), "--json"])
+    steps = [(s["node"], s["action"], s["detail"]) for s in json.loads(result.stdout)["steps"]
+             if s["phase"] == "acquire" and s["action"] != "download"]
+    assert steps == [
+        ("cpu", "build", "llama.cpp rpc-server from llama.cpp-b6000.tar.gz (CPU, RPC)"),  # not for `own`
+        ("gpu", "build", "llama.cpp llama-server from llama.cpp-b6000.tar.gz (CUDA, RPC)"),
+        ("gpu", "install", "vllm==0.11.0 (venv)"),
+    ]

@@ -483,9 +483,30 @@ def _size_findings(inv: Inventory, metas: dict[str, ModelMeta], findings: list[F
 
 
 def _steps(inv: Inventory, metas: dict[str, ModelMeta], services: list[ServicePlan]) -> list[Step]:
+    from clusterctl.engines import archive_name, backend_label  # engines -> launch -> planner: import late
+
     rate = parse_rate(inv.cluster.defaults.link_speed)
     steps: list[Step] = []
     seen: set[tuple[str, str]] = set()
+    engines = inv.cluster.engines
+    builds: dict[str, list[str]] = {}
+    venvs: dict[str, list[str]] = {}
+    for svc in inv.services.values():
+        for n in svc.node_names:
+            if engines.llama_cpp_build is not None and svc.engine in ("llama-server", "rpc-server") \
+                    and svc.binary is None and svc.container is None and svc.engine not in builds.get(n, []):
+                builds.setdefault(n, []).append(svc.engine)
+            python_engine = engines.python_engine(svc.engine)
+            if python_engine is not None and svc.binary is None and svc.container is None \
+                    and python_engine.requirement not in venvs.get(n, []):
+                venvs.setdefault(n, []).append(python_engine.requirement)
+    for n, targets in builds.items():
+        assert engines.llama_cpp_build is not None
+        steps.append(Step("acquire", n, "build", f"llama.cpp {', '.join(sorted(targets))} from "
+                          f"{archive_name(engines.llama_cpp_build.source)} ({backend_label(inv.nodes[n])})"))
+    for n, requirements in venvs.items():
+        for requirement in requirements:
+            steps.append(Step("acquire", n, "install", f"{requirement} (venv)"))
     for sp in services:
         if sp.model is None or sp.engine == "rpc-server":
             continue
