@@ -29,6 +29,33 @@ BACKEND_TOOLS = {"cuda": "nvcc", "rocm": "hipcc", "vulkan": "glslc"}
 """A compiler each backend's build needs on the node (checked before the build starts)."""
 
 
+def llama_targets(inv: Inventory) -> dict[str, list[str]]:
+    """node -> the llama.cpp binaries (llama-server, rpc-server) built there: those of its services
+    that run the default binary, not in a container, when the inventory builds on the nodes."""
+    out: dict[str, list[str]] = {}
+    if inv.cluster.engines.llama_cpp_build is None:
+        return out
+    for svc in inv.services.values():
+        if svc.engine in ("llama-server", "rpc-server") and svc.binary is None and svc.container is None:
+            for n in svc.node_names:
+                if svc.engine not in out.setdefault(n, []):
+                    out[n].append(svc.engine)
+    return out
+
+
+def pip_engines(inv: Inventory) -> dict[str, list[tuple[str, PythonEngine]]]:
+    """node -> the pip-installed engines its services run (engine, how), each once."""
+    out: dict[str, list[tuple[str, PythonEngine]]] = {}
+    for svc in inv.services.values():
+        spec = inv.cluster.engines.python_engine(svc.engine)
+        if spec is None or svc.binary is not None or svc.container is not None:
+            continue
+        for n in svc.node_names:
+            if all(engine != svc.engine for engine, _ in out.setdefault(n, [])):
+                out[n].append((svc.engine, spec))
+    return out
+
+
 def backends(node: Node) -> list[str]:
     """The GPU backends to compile for this node, in a fixed order."""
     kinds = {a.kind for a in node.accelerators}

@@ -38,7 +38,16 @@ from clusterctl.changes import (
     WeightFile,
     diff,
 )
-from clusterctl.engines import BACKEND_TOOLS, LlamaBuild, VenvInstall, backends, llama_build, venv_install
+from clusterctl.engines import (
+    BACKEND_TOOLS,
+    LlamaBuild,
+    VenvInstall,
+    backends,
+    llama_build,
+    llama_targets,
+    pip_engines,
+    venv_install,
+)
 from clusterctl.errors import ClusterctlError, ExitCode, LockedError
 from clusterctl.inventory import Inventory, Node, SecretRef
 from clusterctl.launch import (
@@ -234,16 +243,12 @@ def build_desired(inv: Inventory, lock: LockFile, rendered: Rendered, plan: Plan
             _add_weights(inv, lock, d, node, svc.model)
         if svc.engine in ("llama-server", "rpc-server") and svc.binary is None and inv.cluster.engines.llama_cpp:
             _add_llama_engine(inv, d, node)
-    _add_builds(inv, specs, out)
-    for spec in specs:
-        svc = inv.services[spec.service]
-        python_engine = inv.cluster.engines.python_engine(svc.engine)
-        if python_engine is not None and svc.binary is None and not spec.container:
-            install = venv_install(inv.nodes[spec.node], svc.engine, python_engine)
-            d = out[spec.node]
-            if all(v.link != install.link for v in d.venvs):
-                d.venvs.append(install)
-                d.commands.setdefault("install-engine", []).append(install.python)
+    _add_builds(inv, out)
+    for node_name, engines in pip_engines(inv).items():
+        for engine, python_engine in engines:
+            install = venv_install(inv.nodes[node_name], engine, python_engine)
+            out[node_name].venvs.append(install)
+            out[node_name].commands.setdefault("install-engine", []).append(install.python)
     for spec in specs:
         provider = {"llama-server": "llama.cpp", "rpc-server": "llama.cpp", "vllm": "a vLLM venv",
                     "ollama": "Ollama", "mlx-lm": "an mlx-lm venv", "exo": "an exo venv",
@@ -299,17 +304,11 @@ def _add_weights(inv: Inventory, lock: LockFile, d: Desired, node: Node, model_n
                                         hub=src.scheme == "hf"))
 
 
-def _add_builds(inv: Inventory, specs: list[LaunchSpec], out: dict[str, Desired]) -> None:
+def _add_builds(inv: Inventory, out: dict[str, Desired]) -> None:
     """llama.cpp built on each node whose llama-server / rpc-server services use the default binary."""
     build = inv.cluster.engines.llama_cpp_build
-    if build is None:
-        return
-    wanted: dict[str, list[str]] = {}
-    for spec in specs:
-        svc = inv.services[spec.service]
-        if svc.engine in ("llama-server", "rpc-server") and svc.binary is None and not spec.container:
-            wanted.setdefault(spec.node, []).append(svc.engine)
-    if not wanted:
+    wanted = llama_targets(inv)
+    if build is None or not wanted:
         return
     local = url = None
     size = 0
@@ -634,10 +633,7 @@ class _NodeRun:
                     6: f"{v.link} exists and is not a symlink clusterctl made; move it away"}.get(r.rc, f"exit {r.rc}")
             raise DeployError(f"{self.d.node}: installing {v.engine} failed: {what}",
                               hint="the previous installation, if any, is untouched and still in use")
-        manifest_path = f"{self.d.base}/{facts_mod.MANIFEST}"
-        manifest = facts_mod.parse_manifest(self.t.get(manifest_path))
-        manifest[v.link] = {"venv": v.key, "requirement": v.requirement}
-        self.t.put(manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode(), mode=0o644)
+        self._record_entry(v.link, {"venv": v.key, "requirement": v.requirement})
 
     @contextlib.contextmanager
     def _watch_size(self, part: str, label: str, total: int) -> Iterator[None]:
@@ -691,9 +687,13 @@ class _NodeRun:
         self._record(w.path, got, w.size)
 
     def _record(self, path: str, sha: str, size: int, **extra: object) -> None:
+        self._record_entry(path, {"sha256": sha, "size": size, **extra})
+
+    def _record_entry(self, path: str, entry: dict[str, object]) -> None:
+        """Set `path`'s entry in the node's manifest (what deploy verified or installed there)."""
         manifest_path = f"{self.d.base}/{facts_mod.MANIFEST}"
         manifest = facts_mod.parse_manifest(self.t.get(manifest_path))
-        manifest[path] = {"sha256": sha, "size": size, **extra}
+        manifest[path] = entry
         self.t.put(manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode(), mode=0o644)
 
     def _apply(self, steps: list[Step]) -> None:

@@ -483,30 +483,24 @@ def _size_findings(inv: Inventory, metas: dict[str, ModelMeta], findings: list[F
 
 
 def _steps(inv: Inventory, metas: dict[str, ModelMeta], services: list[ServicePlan]) -> list[Step]:
-    from clusterctl.engines import archive_name, backend_label  # engines -> launch -> planner: import late
+    from clusterctl.engines import (  # engines -> launch -> planner
+        archive_name,
+        backend_label,
+        llama_targets,
+        pip_engines,
+    )
 
     rate = parse_rate(inv.cluster.defaults.link_speed)
     steps: list[Step] = []
     seen: set[tuple[str, str]] = set()
-    engines = inv.cluster.engines
-    builds: dict[str, list[str]] = {}
-    venvs: dict[str, list[str]] = {}
-    for svc in inv.services.values():
-        for n in svc.node_names:
-            if engines.llama_cpp_build is not None and svc.engine in ("llama-server", "rpc-server") \
-                    and svc.binary is None and svc.container is None and svc.engine not in builds.get(n, []):
-                builds.setdefault(n, []).append(svc.engine)
-            python_engine = engines.python_engine(svc.engine)
-            if python_engine is not None and svc.binary is None and svc.container is None \
-                    and python_engine.requirement not in venvs.get(n, []):
-                venvs.setdefault(n, []).append(python_engine.requirement)
-    for n, targets in builds.items():
-        assert engines.llama_cpp_build is not None
+    build = inv.cluster.engines.llama_cpp_build
+    for n, targets in llama_targets(inv).items():
+        assert build is not None
         steps.append(Step("acquire", n, "build", f"llama.cpp {', '.join(sorted(targets))} from "
-                          f"{archive_name(engines.llama_cpp_build.source)} ({backend_label(inv.nodes[n])})"))
-    for n, requirements in venvs.items():
-        for requirement in requirements:
-            steps.append(Step("acquire", n, "install", f"{requirement} (venv)"))
+                          f"{archive_name(build.source)} ({backend_label(inv.nodes[n])})"))
+    for n, engines in pip_engines(inv).items():
+        for _, python_engine in engines:
+            steps.append(Step("acquire", n, "install", f"{python_engine.requirement} (venv)"))
     for sp in services:
         if sp.model is None or sp.engine == "rpc-server":
             continue
