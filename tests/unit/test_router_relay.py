@@ -344,3 +344,63 @@ def test_stream_timed_out_after_the_first_byte_is_cut() -> None:
     line = next(line for line in lines.access() if line["path"] == "/v1/chat/completions")
     assert line["error"] == f"upstream stream timed out after {len(EVENTS[0])} bytes"
     assert json.dumps(line)  # a plain JSON line
+
+
+def test_stream_to_a_slow_client_stops_reading_the_upstream() -> None:
+    """A client that does not read makes the router stop reading the upstream (the stream is
+    relayed from the upstream's read callback, not buffered without bound), and the whole stream
+    still arrives, in order, once the client reads again."""
+    piece = bytes(range(256)) * 256  # 64 KiB
+    pieces = 768  # 48 MiB: more than the kernel's socket buffers on both sides can hold
+    written = [0]
+
+    async def main() -> None:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"GET"):  # a health check
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                writer.close()
+                return
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            await reader.readexactly(length)
+            writer.write(HEAD)
+            for _ in range(pieces):
+                writer.write(chunk(piece))
+                await writer.drain()
+                written[0] += len(piece)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        upstream_port = int(server.sockets[0].getsockname()[1])
+        table = route_table({"a": {"url": f"http://127.0.0.1:{upstream_port}"}}, {"chat": ["a"]},
+                            health={"interval": 30.0})
+        router = Router(table, log=JsonLog(LogLines()))  # type: ignore[arg-type]
+        port = await router.start("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            body = b'{"model": "chat", "stream": true}'
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            async with asyncio.timeout(30):
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+                await asyncio.sleep(1.0)  # the client reads nothing: the upstream must stall
+                assert written[0] < pieces * len(piece) // 2
+                received = 0
+                while True:  # chunked framing as the router writes it
+                    size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                    data = await reader.readexactly(size + 2)
+                    if size == 0:
+                        break
+                    start = received % len(piece)
+                    assert data[:-2] == (piece * (size // len(piece) + 2))[start:start + size]
+                    received += size
+            assert received == pieces * len(piece) == written[0]
+        finally:
+            writer.close()
+            await router.stop()
+            server.close()
+
+    asyncio.run(main())

@@ -39,6 +39,8 @@ from clusterctl.router.validate import AUTO
 PROXY_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 USAGE_TAIL = 8192
 """Bytes of the end of a stream kept to find the usage report in its last events."""
+RELAY_HIGH_WATER = 1 << 20
+"""Bytes waiting to be sent to a client above which a stream's upstream is not read until they went."""
 CLASSIFIER_PROMPT = ("You route requests to the right model. Answer with exactly one of these task types and "
                      "nothing else: {routes}.")
 
@@ -702,33 +704,51 @@ class Router:
         outcome.ttfb = time.perf_counter() - outcome.started
         outcome.bytes_sent = len(first)
         tail = _Tail(first)
-        read = up.read_chunk
-        write = writer.write
-        while not up.at_eof:
+        transport = request.transport
+        sent = len(first)
+        last = b""
+
+        def sink(data: bytes) -> bool:
+            """Called from the upstream connection's read callback: one chunk to the client."""
+            nonlocal sent
+            if transport is None or transport.is_closing():
+                return True  # the client is gone: relay() calls drain(), which says so
+            transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            sent += len(data)
+            tail.add(data)
+            return transport.get_write_buffer_size() > RELAY_HIGH_WATER
+
+        async def drain() -> None:
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the client went away")
+            await writer.drain()
+
+        try:
             try:
-                chunk = await read()
-            except UpstreamError as exc:
-                outcome.error = f"upstream stream broke after {outcome.bytes_sent} bytes ({exc})"
-                self._stream_broke(request, state, selection, exc.reason)
-                return response
-            if not chunk:
-                break
-            try:
-                if up.at_eof:  # the last bytes: sent with the end of the body
-                    await response.write_eof(chunk)
-                else:
-                    await write(chunk)
-            except ConnectionError:
-                outcome.status = 499
-                outcome.error = "client disconnected"
-                return response
-            outcome.bytes_sent += len(chunk)
-            tail.add(chunk)
+                if not up.at_eof:
+                    last = await up.relay(sink, drain)
+            finally:
+                outcome.bytes_sent = sent
+        except UpstreamError as exc:
+            outcome.error = f"upstream stream broke after {outcome.bytes_sent} bytes ({exc})"
+            self._stream_broke(request, state, selection, exc.reason)
+            return response
+        except ConnectionError:
+            outcome.status = 499
+            outcome.error = "client disconnected"
+            return response
+        try:
+            await response.write_eof(last)  # the last bytes with the end of the body
+        except ConnectionError:
+            outcome.status = 499
+            outcome.error = "client disconnected"
+            return response
+        outcome.bytes_sent += len(last)
+        if last:
+            tail.add(last)
         usage = find_usage(tail.value())
         if usage is not None:
             outcome.tokens_in, outcome.tokens_out = usage
-        with contextlib.suppress(ConnectionError):
-            await response.write_eof()  # nothing to do when the last chunk already ended the body
         return response
 
     def _stream_broke(self, request: web.BaseRequest, state: BackendState, selection: Selection, reason: str) -> None:

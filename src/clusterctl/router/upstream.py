@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
@@ -48,10 +49,16 @@ class ProtocolFailure(UpstreamError):
     reason = "error"
 
 
-class Response:
-    """One upstream response: `await head()`, then `read_chunk()` until b"" or `read_all()`."""
+Sink = Callable[[bytes], bool]
+"""Takes body bytes as they arrive; True asks the response to stop reading until the consumer
+has caught up."""
 
-    __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_paused", "_size", "_waiter", "headers", "status")
+
+class Response:
+    """One upstream response: `await head()`, then `read_chunk()` until b"", `read_all()`, or
+    `relay()`."""
+
+    __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_paused", "_sink", "_size", "_waiter", "headers", "status")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
@@ -63,6 +70,7 @@ class Response:
         self._exc: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
+        self._sink: Sink | None = None
 
     # -- fed by the connection --
 
@@ -72,10 +80,31 @@ class Response:
     def _got_data(self, data: bytes) -> None:
         self._chunks.append(data)
         self._size += len(data)
+        if self._sink is not None:
+            return  # handed over at the end of this read (_read_done)
         self._wake()
         if self._size > PAUSE_AT and not self._paused and self._conn.transport is not None:
             self._paused = True
             self._conn.transport.pause_reading()
+
+    def _read_done(self) -> None:
+        """The end of one read from the connection, while relaying: the body bytes it carried go
+        to the sink, unless the body ended or failed in it (then relay() hands over the rest)."""
+        if not self._chunks or self._eof or self._exc is not None:
+            return
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._size = 0
+        assert self._sink is not None
+        if self._sink(data):
+            self._pause()
+
+    def _pause(self) -> None:
+        if not self._paused and self._conn.transport is not None:
+            self._paused = True
+            self._conn.transport.pause_reading()
+            self._wake()
 
     def _got_eof(self) -> None:
         self._eof = True
@@ -130,6 +159,42 @@ class Response:
             self._paused = False
             self._conn.transport.resume_reading()
         return data
+
+    async def relay(self, sink: Sink, drain: Callable[[], Awaitable[None]]) -> bytes:
+        """Hand the body to `sink` as it arrives, from the connection's read callback: no task
+        switch per read. When sink returns True, reading pauses until `drain()` returned. Returns
+        the bytes of the body's last read (for the caller to send together with its end); raises
+        the upstream's error like read_chunk() (after the bytes that came before it went to sink)."""
+        self._sink = sink
+        chunks = self._chunks
+        try:
+            while True:
+                if chunks:
+                    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                    chunks.clear()
+                    self._size = 0
+                    if self._eof and self._exc is None:
+                        return data
+                    if sink(data):
+                        self._pause()
+                    continue
+                if self._exc is not None:
+                    raise self._exc
+                if self._eof:
+                    return b""
+                if self._paused:
+                    await drain()
+                    self._paused = False
+                    if self._conn.transport is not None:
+                        self._conn.transport.resume_reading()
+                    continue
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
+        finally:
+            self._sink = None
 
     async def read_all(self) -> bytes:
         if self._eof and self._exc is None:  # all of it is here already (a small answer, usually)
@@ -186,6 +251,7 @@ class _Connection(asyncio.Protocol):
         if self._buf:
             data = self._buf + data
             self._buf = b""
+        r = self.response
         try:
             pos = self._parse(data)
         except (ValueError, IndexError) as exc:
@@ -193,6 +259,8 @@ class _Connection(asyncio.Protocol):
             return
         if pos < len(data):
             self._buf = data[pos:]
+        if r is not None and r._sink is not None:
+            r._read_done()
 
     # -- the parser --
 
