@@ -25,9 +25,10 @@ class Deadlines:
         self._sweep: asyncio.TimerHandle | None = None
         self._sweep_loop: asyncio.AbstractEventLoop | None = None
 
-    def at(self, when: float) -> Deadline:
-        """A context manager for the running task: TimeoutError at loop time `when`."""
-        return Deadline(self, when)
+    def at(self, when: float, loop: asyncio.AbstractEventLoop | None = None) -> Deadline:
+        """A context manager for the running task: TimeoutError at loop time `when`. Passing the
+        running loop saves looking it up (a getpid() system call each time)."""
+        return Deadline(self, when, loop)
 
     def __len__(self) -> int:
         """Deadlines waiting for their timer (tests, introspection)."""
@@ -66,10 +67,11 @@ class Deadlines:
 class Deadline:
     """One use of Deadlines.at (see there); the same rules as asyncio.Timeout."""
 
-    __slots__ = ("_cancelling", "_expired", "_handle", "_key", "_owner", "_task", "when")
+    __slots__ = ("_cancelling", "_expired", "_handle", "_key", "_loop", "_owner", "_task", "when")
 
-    def __init__(self, owner: Deadlines, when: float) -> None:
+    def __init__(self, owner: Deadlines, when: float, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._owner = owner
+        self._loop = loop
         self.when = when
         self._task: asyncio.Task[object] | None = None
         self._handle: asyncio.Handle | None = None
@@ -84,7 +86,7 @@ class Deadline:
     async def __aenter__(self) -> Deadline:
         if self._task is not None:
             raise RuntimeError("a Deadline is entered once")
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._loop)
         if task is None:
             raise RuntimeError("Deadline must be used inside a task")
         self._task = task

@@ -57,16 +57,20 @@ class JsonLog:
         self._stream = stream
         self._pending: list[bytes] = []
         self._scheduled = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The loop that flushes the lines (looked up when not set)."""
 
     def write(self, record: dict[str, Any]) -> None:
         self._pending.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
         if self._scheduled:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
         self._scheduled = True
         loop.call_soon(self.flush)
 
@@ -260,7 +264,7 @@ class Router:
 
     async def start(self, host: str | None = None, port: int | None = None) -> int:
         """Listen (port 0: any free port) and start the health checks; returns the port."""
-        self._loop = asyncio.get_running_loop()
+        self._loop = self.log.loop = asyncio.get_running_loop()
         self._runner = web.ServerRunner(web.Server(self._dispatch, handler_cancellation=True, access_log=None,
                                                    keepalive_timeout=75.0))
         await self._runner.setup()
@@ -293,6 +297,7 @@ class Router:
             self._runner = None
         for pool in self._pools.values():
             pool.close()
+        self.log.loop = None
         self.log.flush()
 
     # -- health -----------------------------------------------------------------------------
@@ -638,7 +643,7 @@ class Router:
         streamed: web.StreamResponse | None = None
         try:
             try:
-                async with self._deadlines.at(self._loop.time() + state.config.timeout):
+                async with self._deadlines.at(self._loop.time() + state.config.timeout, self._loop):
                     head = self._heads[(state.name, path)]
                     conn, up = (None if fresh else pool.send_idle(head, payload)) or await pool.send(
                         head, payload, fresh=fresh)

@@ -131,7 +131,7 @@ class Response:
 
     async def head(self) -> None:
         while self.status == 0 and self._exc is None:
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            waiter = self._waiter = self._conn.loop().create_future()
             try:
                 await waiter
             finally:
@@ -147,7 +147,7 @@ class Response:
                 raise self._exc
             if self._eof:
                 return b""
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            waiter = self._waiter = self._conn.loop().create_future()
             try:
                 await waiter
             finally:
@@ -188,7 +188,7 @@ class Response:
                     if self._conn.transport is not None:
                         self._conn.transport.resume_reading()
                     continue
-                waiter = self._waiter = asyncio.get_running_loop().create_future()
+                waiter = self._waiter = self._conn.loop().create_future()
                 try:
                     await waiter
                 finally:
@@ -222,6 +222,14 @@ class _Connection(asyncio.Protocol):
         """Received bytes not parsed yet (an incomplete head, chunk size line or chunk end)."""
         self._state = _DONE
         self._remaining = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, looked up once per connection (each lookup is a getpid() call)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     # -- asyncio callbacks --
 
