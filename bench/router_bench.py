@@ -1,9 +1,11 @@
-"""Router benchmark: direct to the upstream vs through `clusterctl router serve` vs through
-LiteLLM's proxy, with the same route, the same upstream and the same load generator (wrk).
+"""Router benchmark: direct to the upstream vs through `clusterctl router serve` vs through nginx
+as a plain reverse proxy vs through LiteLLM's proxy, with the same route, the same upstream and
+the same load generator (wrk).
 
     python bench/router_bench.py                      # the whole table + the failover run
     python bench/router_bench.py --write-docs         # ... and put the results in docs/router.md
     python bench/router_bench.py --duration 3 --concurrency 1,64 --skip-litellm
+    python bench/router_bench.py --pin --scenarios sse-paced,sse-staggered --skip-litellm --skip-failover
 
 Upstreams (127.0.0.1 only):
 * `json`: nginx answering a fixed chat completion (`return 200 '{...}'`);
@@ -11,10 +13,15 @@ Upstreams (127.0.0.1 only):
 * `sse-paced`: bench/router_sse.py sending the same 16 tokens 20 ms apart, like a model would
   (about 340 ms a stream), which is where the added latency of a stream is measured. Every
   stream lasts the same, so a closed loop keeps all connections in step: they start their
-  next stream in the same millisecond, every time (a worst case for any proxy);
+  next stream within a few milliseconds of each other, every time (a worst case for any proxy);
 * `sse-staggered`: the same streams, each connection waiting a random 0-40 ms (wrk's
   `delay()`, not counted in the latency) before its next one, so that streams start at
   different times as they do when clients are independent.
+
+In the two paced scenarios the client times each stream itself (see wrk(): the prompt carries
+wrk's clock, the upstream echoes it in the last chunk), so that the first stream of each
+connection, sent the moment wrk has opened them all, is reported apart from the rest.
+`--pin` runs the proxies on the last CPU and wrk and the upstreams on the others.
 
 Every load run is bounded in time (`--duration` seconds, wrk's own clock, and a hard timeout
 around it). LiteLLM lives in its own virtual environment (created when missing, see
@@ -37,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -106,11 +114,21 @@ class Proc:
             os.killpg(self.popen.pid, signal.SIGKILL)
 
 
-def spawn(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None) -> Proc:
+PROXY_CPUS: set[int] | None = None
+"""With --pin: the CPUs of the proxies (router, nginx proxy, LiteLLM); everything else runs on
+the others."""
+
+
+def spawn(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None,
+          proxy: bool = False) -> Proc:
+    """Start a process in its own session; a proxy runs on PROXY_CPUS when they are set (its
+    children inherit them)."""
     log_path = workdir / f"{name}.log"
+    cpus = PROXY_CPUS if proxy else None
     with log_path.open("wb") as out:
         popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True, cwd=ROOT, env={**os.environ, **(env or {})})
+                                 start_new_session=True, cwd=ROOT, env={**os.environ, **(env or {})},
+                                 preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     return Proc(name, popen, log_path)
 
 
@@ -165,6 +183,53 @@ http {{
 }}
 """)
     proc = spawn(name, [binary, "-p", str(base), "-e", str(base / "error.log"), "-c", str(conf)], workdir)
+    wait_http(proc, f"http://127.0.0.1:{port}/health", 15)
+    return proc, port
+
+
+def nginx_proxy(workdir: Path, upstreams: dict[str, str]) -> tuple[Proc, int]:
+    """nginx as a plain reverse proxy in front of the same upstreams, a peer for the router: no
+    keys, no routing by model, no metrics; `/NAME/...` goes to upstreams[NAME] + `/...`, on
+    kept-alive upstream connections, responses passed on unbuffered (proxy_buffering off)."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    port = free_port()
+    base = workdir / "nginx-proxy"
+    base.mkdir(parents=True, exist_ok=True)
+    temp = " ".join(f"{k}_temp_path {base / k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    servers: dict[str, str] = {}
+    locations = []
+    for name, url in upstreams.items():
+        parts = urllib.parse.urlsplit(url)
+        pool = servers.setdefault(parts.netloc, f"up{len(servers)}")
+        locations.append(f"location /{name}/ {{ proxy_pass http://{pool}{parts.path}/; }}")
+    pools = "\n".join(f"upstream {pool} {{ server {netloc}; keepalive 1024; }}" for netloc, pool in servers.items())
+    conf = base / "nginx.conf"
+    conf.write_text(f"""
+daemon off;
+master_process off;
+worker_processes 1;
+pid {base}/nginx.pid;
+error_log {base}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    {temp}
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_buffering off;
+    proxy_request_buffering off;
+    {pools}
+    server {{
+        listen 127.0.0.1:{port};
+        location = /health {{ return 200 'ok'; }}
+        {" ".join(locations)}
+    }}
+}}
+""")
+    proc = spawn("nginx-proxy", [binary, "-p", str(base), "-e", str(base / "error.log"), "-c", str(conf)], workdir,
+                 proxy=True)
     wait_http(proc, f"http://127.0.0.1:{port}/health", 15)
     return proc, port
 
@@ -242,6 +307,7 @@ wrk.body = {body}
 wrk.headers["Content-Type"] = "application/json"
 {auth}
 {think}
+{timed}
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -249,8 +315,55 @@ done = function(summary, latency, requests)
     '"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}}\\n',
     summary.requests, summary.duration, summary.bytes, latency:percentile(50), latency:percentile(90),
     latency:percentile(99), latency.max, e.connect, e.read, e.write, e.status, e.timeout))
+  if timed_result then timed_result() end
 end
 """
+
+TIMED_LUA = """
+-- Each stream timed by the client itself: the prompt carries the send time (monotonic clock,
+-- microseconds) as bench-tNNN, the upstream sends tNNN back as the last content chunk. Streams sent
+-- in the first {skip_ms} ms (the first one of each connection, sent as wrk opens them all at
+-- once) are reported apart from the rest.
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct {{ long tv_sec; long tv_nsec; }} bench_timespec;
+int clock_gettime(int clock, bench_timespec *ts);
+]]
+local ts = ffi.new("bench_timespec")
+local function now_us()
+  ffi.C.clock_gettime(1, ts)
+  return tonumber(ts.tv_sec) * 1000000 + math.floor(tonumber(ts.tv_nsec) / 1000)
+end
+local head, tail = {head}, {tail}
+local threads = {{}}
+function setup(thread) table.insert(threads, thread) end
+function init(args) steady = {{}}; first = {{}}; unmatched = 0; start = now_us() end
+function request() return wrk.format(nil, nil, nil, head .. string.format("bench-t%d", now_us()) .. tail) end
+function response(status, headers, body)
+  local t0 = tonumber(string.match(body, '"content":"t(%d+)"'))
+  if t0 == nil then unmatched = unmatched + 1; return end
+  if t0 - start < {skip_ms} * 1000 then table.insert(first, now_us() - t0) else table.insert(steady, now_us() - t0) end
+end
+local function pct(l, p)
+  if #l == 0 then return -1 end
+  return l[math.max(1, math.ceil(#l * p / 100))]
+end
+function timed_result()
+  local s, f, u = {{}}, {{}}, 0
+  for _, t in ipairs(threads) do
+    for _, v in ipairs(t:get("steady")) do table.insert(s, v) end
+    for _, v in ipairs(t:get("first")) do table.insert(f, v) end
+    u = u + t:get("unmatched")
+  end
+  table.sort(s)
+  table.sort(f)
+  io.write(string.format('TIMED {{"n":%d,"p50_us":%d,"p99_us":%d,"first_n":%d,"first_p50_us":%d,' ..
+    '"first_p99_us":%d,"unmatched":%d}}\\n', #s, pct(s, 50), pct(s, 99), #f, pct(f, 50), pct(f, 99), u))
+end
+"""
+TIMED_SKIP_MS = 200
+"""Streams sent this soon after wrk started are the first of their connection (every paced stream
+lasts 340 ms): timed apart, as the cost of opening the connections."""
 
 
 def lua_string(text: str) -> str:
@@ -258,13 +371,22 @@ def lua_string(text: str) -> str:
 
 
 def wrk(url: str, model: str, stream: bool, key: str | None, concurrency: int, duration: float,
-        workdir: Path, think_ms: int = 0) -> dict[str, float]:
-    body = json.dumps({"model": model, "stream": stream, "max_tokens": 16,
-                       "messages": [{"role": "user", "content": "Hello, who are you?"}]})
-    script = workdir / f"wrk-{abs(hash((url, model, stream, key, think_ms)))}.lua"
+        workdir: Path, think_ms: int = 0, timed: bool = False) -> dict[str, float]:
+    """One wrk run. With `timed` (an upstream that echoes bench-tNNN, bench/router_sse.py), p50_us and
+    p99_us are the client's own timing of the streams after the first of each connection; wrk's
+    figures stay as wrk_p50_us / wrk_p99_us, the first streams' as first_p50_us / first_p99_us."""
+    request = {"model": model, "stream": stream, "max_tokens": 16,
+               "messages": [{"role": "user", "content": "Hello, who are you?"}]}
+    body = json.dumps(request)
+    script = workdir / f"wrk-{abs(hash((url, model, stream, key, think_ms, timed)))}.lua"
     auth = f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""
     think = f"delay = function() return math.random(0, {think_ms}) end" if think_ms else ""
-    script.write_text(WRK_LUA.format(body=lua_string(body), auth=auth, think=think))
+    timed_lua = ""
+    if timed:
+        prompt = {**request, "messages": [{"role": "user", "content": "Hello, who are you? @"}]}
+        head, tail = json.dumps(prompt).split("@")
+        timed_lua = TIMED_LUA.format(head=lua_string(head), tail=lua_string(tail), skip_ms=TIMED_SKIP_MS)
+    script.write_text(WRK_LUA.format(body=lua_string(body), auth=auth, think=think, timed=timed_lua))
     threads = max(1, min(2, concurrency))
     argv = ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{duration:g}s", "--timeout", "10s", "-s", str(script),
             url]
@@ -276,6 +398,20 @@ def wrk(url: str, model: str, stream: bool, key: str | None, concurrency: int, d
     seconds = r["duration_us"] / 1e6
     r["rps"] = r["requests"] / seconds if seconds else 0.0
     r["errors"] = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+    if timed:
+        t = re.search(r"^TIMED (\{.*\})$", proc.stdout, re.M)
+        if not t:
+            raise RuntimeError(f"wrk gave no timed result: {proc.stdout}\n{proc.stderr}")
+        own = json.loads(t.group(1))
+        r["wrk_p50_us"], r["wrk_p99_us"] = r["p50_us"], r["p99_us"]
+        r["timed_n"], r["first_n"] = own["n"], own["first_n"]
+        # a proxy too slow to finish a stream after its first one in the run keeps wrk's figures
+        if own["n"] > 0:
+            r["p50_us"], r["p99_us"] = own["p50_us"], own["p99_us"]
+        first = own["first_n"] > 0
+        r["first_p50_us"] = own["first_p50_us"] if first else None
+        r["first_p99_us"] = own["first_p99_us"] if first else None
+        r["untimed"] = own["unmatched"]
     return r
 
 
@@ -297,6 +433,7 @@ class Scenario:
     stream: bool
     path: str  # the upstream's base path (nginx serves the SSE body under /sse)
     think_ms: int = 0  # each connection waits a random 0..think_ms before its next request
+    timed: bool = False  # streams timed by the client itself (the upstream echoes bench-tNNN), see wrk()
 
 
 def router_table(workdir: Path, backends: dict[str, str], routes: dict[str, list[str]], port: int,
@@ -317,7 +454,7 @@ def router_table(workdir: Path, backends: dict[str, str], routes: dict[str, list
 
 def start_router(workdir: Path, table: Path, port: int, name: str = "router") -> Proc:
     proc = spawn(name, [sys.executable, "-m", "clusterctl.cli", "router", "serve", "--routes", str(table)], workdir,
-                 env={"PYTHONPATH": str(ROOT / "src")})
+                 env={"PYTHONPATH": str(ROOT / "src")}, proxy=True)
     wait_http(proc, f"http://127.0.0.1:{port}/health", 30)
     return proc
 
@@ -333,7 +470,7 @@ def start_litellm(exe: Path, workdir: Path, bases: dict[str, str], workers: int)
     config.write_text("\n".join(lines) + "\n")
     proc = spawn("litellm", [str(exe), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
                              "--num_workers", str(workers)], workdir,
-                 env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"})
+                 env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}, proxy=True)
     wait_http(proc, f"http://127.0.0.1:{port}/health/liveliness", 180)
     return proc, port
 
@@ -365,11 +502,12 @@ def ms(us: float) -> str:
 
 def run_bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    scenarios = [Scenario("json", False, ""), Scenario("sse-burst", True, "/sse"), Scenario("sse-paced", True, ""),
-                 Scenario("sse-staggered", True, "", think_ms=STAGGER_MS)]
+    scenarios = [Scenario("json", False, ""), Scenario("sse-burst", True, "/sse"),
+                 Scenario("sse-paced", True, "", timed=True),
+                 Scenario("sse-staggered", True, "", think_ms=STAGGER_MS, timed=True)]
     scenarios = [s for s in scenarios if s.name in args.scenarios.split(",")]
     procs: list[Proc] = []
-    results: dict[str, Any] = {"facts": machine_facts(), "rows": [], "failover": None,
+    results: dict[str, Any] = {"facts": machine_facts(), "rows": [], "failover": None, "pinned": args.pin,
                                "load_generator": "wrk", "duration_s": args.duration, "repeat": args.repeat}
     try:
         ngx, ngx_port = nginx(workdir, "nginx")
@@ -390,6 +528,8 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                               "sse-staggered": ["ssepaced"]}, router_port)
         router = start_router(workdir, table, router_port)
         procs.append(router)
+        proxy, proxy_port = nginx_proxy(workdir, {s.name: upstream[s.name] for s in scenarios})
+        procs.append(proxy)
         targets_for: dict[str, list[Target]] = {}
         litellm_port = None
         if not args.skip_litellm:
@@ -400,7 +540,8 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             procs.append(lite)
         for s in scenarios:
             targets = [Target("direct", f"{upstream[s.name]}/v1/chat/completions", "m", None),
-                       Target("router", f"http://127.0.0.1:{router_port}/v1/chat/completions", s.name, ROUTER_KEY)]
+                       Target("router", f"http://127.0.0.1:{router_port}/v1/chat/completions", s.name, ROUTER_KEY),
+                       Target("nginx", f"http://127.0.0.1:{proxy_port}/{s.name}/v1/chat/completions", "m", None)]
             if litellm_port is not None:
                 targets.append(Target("litellm", f"http://127.0.0.1:{litellm_port}/v1/chat/completions", s.name,
                                       LITELLM_KEY))
@@ -412,14 +553,16 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 for _ in range(args.repeat):  # interleaved, so that a noisy moment hits every target alike
                     for t in targets_for[s.name]:
                         # a short warm-up (connections, caches), then the measured run
-                        wrk(t.url, t.model, s.stream, t.key, c, 1, workdir, s.think_ms)
+                        wrk(t.url, t.model, s.stream, t.key, c, 1, workdir, s.think_ms, s.timed)
                         runs[t.name].append(wrk(t.url, t.model, s.stream, t.key, c, args.duration, workdir,
-                                                s.think_ms))
+                                                s.think_ms, s.timed))
                 for t in targets_for[s.name]:
                     r = _median_run(runs[t.name])
                     row[t.name] = r
+                    first = (f"  first streams p50 {ms(r['first_p50_us'])} p99 {ms(r['first_p99_us'])} ms"
+                             if s.timed and r["first_p50_us"] is not None else "")
                     log(f"{s.name:9} c={c:<3} {t.name:7} {r['rps']:9.0f} req/s  p50 {ms(r['p50_us'])} ms  "
-                        f"p99 {ms(r['p99_us'])} ms  errors {r['errors']:.0f}/{r['requests']:.0f}")
+                        f"p99 {ms(r['p99_us'])} ms  errors {r['errors']:.0f}/{r['requests']:.0f}{first}")
                 results["rows"].append(row)
         for p in reversed(procs):
             p.stop()
@@ -433,11 +576,15 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def _median_run(runs: list[dict[str, float]]) -> dict[str, float]:
-    """Each figure's median over repeated runs (errors and requests are summed)."""
+    """Each figure's median over repeated runs (errors and requests are summed; runs without
+    the figure are left out)."""
     out = dict(runs[0])
     for key in runs[0]:
-        values = sorted(r[key] for r in runs)
-        out[key] = sum(values) if key in ("requests", "errors") else values[len(values) // 2]
+        values = sorted(r[key] for r in runs if r.get(key) is not None)
+        if not values:
+            out[key] = None
+        else:
+            out[key] = sum(values) if key in ("requests", "errors", "untimed") else values[len(values) // 2]
     return out
 
 
@@ -509,36 +656,61 @@ def _metric(text: str, name: str, **labels: str) -> float:
 # report
 
 
+PROXIES = (("router", "router"), ("nginx", "nginx"), ("litellm", "LiteLLM"))
+
+
+def _added(proxy: dict[str, Any], direct: dict[str, Any], p50: str = "p50_us", p99: str = "p99_us") -> str:
+    if proxy.get(p50) is None or direct.get(p50) is None:
+        return "-"
+    untimed = " (wrk)" if p50 == "p50_us" and proxy.get("timed_n") == 0 else ""
+    return f"{ms(proxy[p50] - direct[p50])} / {ms(proxy[p99] - direct[p99])}{untimed}"
+
+
 def table_markdown(results: dict[str, Any]) -> str:
-    has_litellm = any("litellm" in row for row in results["rows"])
-    head = ["scenario", "conc.", "direct req/s", "direct p50 / p99 ms", "router req/s", "router p50 / p99 ms",
-            "added p50 / p99 ms"]
-    if has_litellm:
-        head += ["LiteLLM req/s", "LiteLLM p50 / p99 ms", "router / LiteLLM req/s"]
+    rows = results["rows"]
+    proxies = [(key, label) for key, label in PROXIES if any(key in row for row in rows)]
+    head = ["scenario", "conc.", "direct req/s", "direct p50 / p99 ms"]
+    for _, label in proxies:
+        head += [f"{label} req/s", f"{label} added p50 / p99 ms"]
+    if any(key == "litellm" for key, _ in proxies):
+        head.append("router / LiteLLM req/s")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in results["rows"]:
-        d, r = row["direct"], row["router"]
-        cells = [row["scenario"], str(row["concurrency"]), f"{d['rps']:.0f}", f"{ms(d['p50_us'])} / {ms(d['p99_us'])}",
-                 f"{r['rps']:.0f}", f"{ms(r['p50_us'])} / {ms(r['p99_us'])}",
-                 f"{ms(r['p50_us'] - d['p50_us'])} / {ms(r['p99_us'] - d['p99_us'])}"]
-        if has_litellm:
+    for row in rows:
+        d = row["direct"]
+        cells = [row["scenario"], str(row["concurrency"]), f"{d['rps']:.0f}", f"{ms(d['p50_us'])} / {ms(d['p99_us'])}"]
+        for key, _ in proxies:
+            cells += [f"{row[key]['rps']:.0f}", _added(row[key], d)] if key in row else ["-", "-"]
+        if "litellm" in row:
             lite = row["litellm"]
-            cells += [f"{lite['rps']:.0f}", f"{ms(lite['p50_us'])} / {ms(lite['p99_us'])}",
-                      f"{r['rps'] / lite['rps']:.1f}x" if lite["rps"] else "-"]
-        errors = sum(row[t]["errors"] for t in ("direct", "router", "litellm") if t in row)
+            cells.append(f"{row['router']['rps'] / lite['rps']:.1f}x" if lite["rps"] else "-")
+        errors = sum(row[t]["errors"] for t in ("direct", *(k for k, _ in proxies)) if t in row)
         if errors:
             cells[1] += f" ({errors:.0f} err)"
         lines.append("| " + " | ".join(cells) + " |")
     summary = []
-    for name in dict.fromkeys(row["scenario"] for row in results["rows"]):
-        rows = [row for row in results["rows"] if row["scenario"] == name]
-        best_router = max(row["router"]["rps"] for row in rows)
-        text = f"* `{name}`: router max {best_router:.0f} req/s"
-        if has_litellm:
-            best_lite = max(row["litellm"]["rps"] for row in rows)
-            text += f", LiteLLM max {best_lite:.0f} req/s ({best_router / best_lite:.1f}x)" if best_lite else ""
+    for name in dict.fromkeys(row["scenario"] for row in rows):
+        mine = [row for row in rows if row["scenario"] == name]
+        best = {key: max(row[key]["rps"] for row in mine) for key, _ in proxies}
+        text = f"* `{name}`: router max {best['router']:.0f} req/s"
+        if best.get("nginx"):
+            text += f", nginx {best['nginx']:.0f} req/s (router {best['router'] / best['nginx']:.2f}x nginx)"
+        if best.get("litellm"):
+            text += f", LiteLLM {best['litellm']:.0f} req/s (router {best['router'] / best['litellm']:.1f}x LiteLLM)"
         summary.append(text)
-    return "\n".join(lines) + "\n\nMaximum throughput over the concurrencies:\n\n" + "\n".join(summary) + "\n"
+    out = "\n".join(lines) + "\n\nMaximum throughput over the concurrencies:\n\n" + "\n".join(summary) + "\n"
+    timed = [row for row in rows if row["direct"].get("first_p50_us") is not None]
+    if timed:
+        head = ["scenario", "conc.", "direct p50 / p99 ms"] + [f"{label} added p50 / p99 ms" for _, label in proxies]
+        first = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in timed:
+            d = row["direct"]
+            cells = [row["scenario"], str(row["concurrency"]), f"{ms(d['first_p50_us'])} / {ms(d['first_p99_us'])}"]
+            cells += [_added(row[key], d, "first_p50_us", "first_p99_us") if key in row else "-" for key, _ in proxies]
+            first.append("| " + " | ".join(cells) + " |")
+        out += ("\nThe first stream of each connection (sent the moment wrk has opened all of them, so the "
+                "proxy accepts the connections, opens its upstream connections and takes every first request "
+                "in the same few milliseconds), timed apart from the table above:\n\n" + "\n".join(first) + "\n")
+    return out
 
 
 def facts_markdown(results: dict[str, Any], command: str) -> str:
@@ -548,9 +720,17 @@ def facts_markdown(results: dict[str, Any], command: str) -> str:
              + (f", LiteLLM {f['litellm']}" if "litellm" in f else ""),
              f"* load generator: wrk, {results['duration_s']:g} s per measurement after a 1 s warm-up"
              + (f", median of {results['repeat']} interleaved runs" if results.get("repeat", 1) > 1 else "")
-             + "; latency = whole response (the last byte of a stream)",
-             "* router, upstreams, LiteLLM and wrk all run on the same machine; the router logs every request "
-             "(access log to a file), checks client keys and counts metrics",
+             + "; latency = whole response (the last byte of a stream). `json` and `sse-burst`: wrk's own "
+             "latency figures. `sse-paced` and `sse-staggered`: each stream timed by the client (the prompt "
+             "carries wrk's clock, the upstream sends it back in the last chunk), the first stream of each "
+             "connection left out and shown in the second table; a `(wrk)` mark: no later stream finished within "
+             "the run, wrk's figures",
+             "* the proxies, the upstreams and wrk all run on the same machine"
+             + (f" (pinned: the proxies on CPU {','.join(map(str, sorted(PROXY_CPUS or ())))}, wrk and the upstreams "
+                "on the others)" if results.get("pinned") else ", on all its CPUs")
+             + "; the router logs every request (access log to a file), checks client keys and counts metrics; "
+             "nginx is a plain reverse proxy (no keys, no routing by model, no metrics, kept-alive upstream "
+             "connections, `proxy_buffering off`)",
              f"* command: `{command}`"]
     return "\n".join(lines) + "\n"
 
@@ -570,12 +750,16 @@ def failover_markdown(results: dict[str, Any]) -> str:
 
 
 def write_docs(results: dict[str, Any], command: str) -> None:
+    """Into the bench block of docs/router.md (the bench-pinned block for a --pin run)."""
     text = DOC.read_text()
-    block = ("<!-- bench:start -->\n" + facts_markdown(results, command) + "\n" + table_markdown(results)
-             + "\n### Failover\n\n" + failover_markdown(results) + "<!-- bench:end -->")
-    new, n = re.subn(r"<!-- bench:start -->.*?<!-- bench:end -->", lambda _: block, text, flags=re.S)
+    mark = "bench-pinned" if results.get("pinned") else "bench"
+    block = f"<!-- {mark}:start -->\n" + facts_markdown(results, command) + "\n" + table_markdown(results)
+    if results.get("failover"):
+        block += "\n### Failover\n\n" + failover_markdown(results)
+    block += f"<!-- {mark}:end -->"
+    new, n = re.subn(f"<!-- {mark}:start -->.*?<!-- {mark}:end -->", lambda _: block, text, flags=re.S)
     if n != 1:
-        raise SystemExit(f"{DOC} has no <!-- bench:start --> ... <!-- bench:end --> block")
+        raise SystemExit(f"{DOC} has no <!-- {mark}:start --> ... <!-- {mark}:end --> block")
     DOC.write_text(new)
     log(f"wrote the results into {DOC}")
 
@@ -593,10 +777,20 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--write-docs", action="store_true", help="put the results into docs/router.md")
     parser.add_argument("--workdir", type=Path, help="keep configs and logs here (default: a temporary directory)")
+    parser.add_argument("--pin", action="store_true",
+                        help="run the proxies on the last CPU and wrk and the upstreams on the others, as a router "
+                             "with a machine of its own would run")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
     command = "python bench/router_bench.py " + " ".join(sys.argv[1:])
+    if args.pin:
+        global PROXY_CPUS
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("--pin needs at least 2 CPUs")
+        PROXY_CPUS = {cpus[-1]}
+        os.sched_setaffinity(0, set(cpus[:-1]))  # this process, wrk and the upstreams
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
         results = run_bench(args, args.workdir.resolve())

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine and runs the whole test suite:
-#   Debian packages (compilers, cmake, nginx), the project with its test extras,
+#   Debian packages (compilers, cmake, nginx, wrk), the project with its test extras,
 #   the real llama.cpp build and the real Gemma 3 270M model (both cached under
 #   ~/.cache/clusterctl), then ruff, mypy and pytest.
 set -euo pipefail
@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 need=()
 for pair in cmake:cmake ninja:ninja-build g++:g++ nginx:nginx git:git curl:curl shellcheck:shellcheck \
-            promtool:prometheus sshd:openssh-server systemd-analyze:systemd unshare:util-linux ip:iproute2 sudo:sudo iptables:iptables; do
+            wrk:wrk promtool:prometheus sshd:openssh-server systemd-analyze:systemd unshare:util-linux ip:iproute2 sudo:sudo iptables:iptables; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 if ((${#need[@]})); then
