@@ -151,16 +151,17 @@ def wait_http(proc: Proc, url: str, timeout: float, headers: dict[str, str] | No
         time.sleep(0.2)
 
 
-def nginx(workdir: Path, name: str) -> tuple[Proc, int]:
+def _start_nginx(workdir: Path, name: str, http: str, proxy: bool = False) -> tuple[Proc, int]:
+    """One nginx (one worker, no daemon, files under workdir/name) whose http block holds
+    `http`, with {port} in it replaced by the port it listens on; /health answers 200."""
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(binary).exists():
         raise SystemExit("nginx is not installed: apt-get install -y nginx")
     port = free_port()
     base = workdir / name
     base.mkdir(parents=True, exist_ok=True)
-    sse = _sse_body().replace("\\", "\\\\").replace("'", "\\'")
-    conf = base / "nginx.conf"
     temp = " ".join(f"{k}_temp_path {base / k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf = base / "nginx.conf"
     conf.write_text(f"""
 daemon off;
 master_process off;
@@ -173,65 +174,50 @@ http {{
     {temp}
     keepalive_requests 1000000;
     keepalive_timeout 75s;
+{http.replace("{port}", str(port))}
+}}
+""")
+    proc = spawn(name, [binary, "-p", str(base), "-e", str(base / "error.log"), "-c", str(conf)], workdir,
+                 proxy=proxy)
+    wait_http(proc, f"http://127.0.0.1:{port}/health", 15)
+    return proc, port
+
+
+def nginx(workdir: Path, name: str) -> tuple[Proc, int]:
+    """nginx answering a fixed chat completion, and a fixed SSE stream under /sse."""
+    sse = _sse_body().replace("\\", "\\\\").replace("'", "\\'")
+    return _start_nginx(workdir, name, f"""
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{{port}};
         location = /health {{ return 200 'ok'; }}
         location = /sse/health {{ return 200 'ok'; }}
         location = /v1/chat/completions {{ default_type application/json; return 200 '{CHAT_JSON}'; }}
         location = /sse/v1/chat/completions {{ default_type text/event-stream; return 200 '{sse}'; }}
-    }}
-}}
-""")
-    proc = spawn(name, [binary, "-p", str(base), "-e", str(base / "error.log"), "-c", str(conf)], workdir)
-    wait_http(proc, f"http://127.0.0.1:{port}/health", 15)
-    return proc, port
+    }}""")
 
 
 def nginx_proxy(workdir: Path, upstreams: dict[str, str]) -> tuple[Proc, int]:
     """nginx as a plain reverse proxy in front of the same upstreams, a peer for the router: no
     keys, no routing by model, no metrics; `/NAME/...` goes to upstreams[NAME] + `/...`, on
     kept-alive upstream connections, responses passed on unbuffered (proxy_buffering off)."""
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    port = free_port()
-    base = workdir / "nginx-proxy"
-    base.mkdir(parents=True, exist_ok=True)
-    temp = " ".join(f"{k}_temp_path {base / k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     servers: dict[str, str] = {}
     locations = []
     for name, url in upstreams.items():
         parts = urllib.parse.urlsplit(url)
         pool = servers.setdefault(parts.netloc, f"up{len(servers)}")
         locations.append(f"location /{name}/ {{ proxy_pass http://{pool}{parts.path}/; }}")
-    pools = "\n".join(f"upstream {pool} {{ server {netloc}; keepalive 1024; }}" for netloc, pool in servers.items())
-    conf = base / "nginx.conf"
-    conf.write_text(f"""
-daemon off;
-master_process off;
-worker_processes 1;
-pid {base}/nginx.pid;
-error_log {base}/error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    {temp}
-    keepalive_requests 1000000;
-    keepalive_timeout 75s;
+    pools = "\n".join(f"    upstream {pool} {{ server {netloc}; keepalive 1024; }}" for netloc, pool in servers.items())
+    return _start_nginx(workdir, "nginx-proxy", f"""
     proxy_http_version 1.1;
     proxy_set_header Connection "";
     proxy_buffering off;
     proxy_request_buffering off;
-    {pools}
+{pools}
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{{port}};
         location = /health {{ return 200 'ok'; }}
         {" ".join(locations)}
-    }}
-}}
-""")
-    proc = spawn("nginx-proxy", [binary, "-p", str(base), "-e", str(base / "error.log"), "-c", str(conf)], workdir,
-                 proxy=True)
-    wait_http(proc, f"http://127.0.0.1:{port}/health", 15)
-    return proc, port
+    }}""", proxy=True)
 
 
 # ---------------------------------------------------------------------------------------------
