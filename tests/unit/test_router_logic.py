@@ -62,6 +62,7 @@ def test_problems_name_every_dangling_reference() -> None:
 def test_problems_urls_and_key_files(tmp_path: Path) -> None:
     key = tmp_path / "up.key"
     key.write_text("secret\n")
+    key.chmod(0o600)
     bad = table(backends={"big": {"url": "10.0.0.11:8080", "model": "m", "api_key_file": str(key)},
                           "small": {"url": "http://h:1", "model": "m", "api_key_file": str(tmp_path / "missing")}},
                 api_keys_file=str(tmp_path / "clients"))
@@ -71,6 +72,9 @@ def test_problems_urls_and_key_files(tmp_path: Path) -> None:
         f"backends.small.api_key_file: {tmp_path / 'missing'} does not exist",
     ]
     assert problems(bad, check_files=False) == ["backends.big.url: '10.0.0.11:8080' is not an http(s) URL with a host"]
+    key.chmod(0o640)
+    assert problems(bad)[2] == (f"backends.big.api_key_file: {key}: the key file is open to other users (mode 0640); "
+                                f"make it private: chmod 600 {key}")
 
 
 def test_rules_without_default_is_a_problem() -> None:
@@ -281,6 +285,10 @@ def test_dispatcher_without_queue_fails_at_once_when_all_down() -> None:
 def test_client_keys(tmp_path: Path) -> None:
     path = tmp_path / "keys"
     path.write_text("# clients\nsk-one\n\n  sk-two  \n")
+    path.chmod(0o644)
+    with pytest.raises(KeyFileError, match=rf"mode 0644\); make it private: chmod 600 {path}"):
+        ClientKeys.from_file(str(path))  # other users could read it
+    path.chmod(0o600)
     keys = ClientKeys.from_file(str(path))
     assert len(keys) == 2
     assert keys.check_header("Bearer sk-one") and keys.check_header("bearer sk-two")
@@ -290,6 +298,7 @@ def test_client_keys(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError):
         ClientKeys.from_file(str(tmp_path / "missing"))
     (tmp_path / "up").write_text("\nsk-upstream\n")
+    (tmp_path / "up").chmod(0o400)  # as a systemd credential
     assert read_upstream_key(str(tmp_path / "up")) == "sk-upstream"
 
 

@@ -453,8 +453,10 @@ def test_bad_json_is_400(make_router: MakeRouter) -> None:
 def test_auth_on_every_path_but_health(make_router: MakeRouter, up: dict[str, Upstream], tmp_path: Path) -> None:
     keys = tmp_path / "clients"
     keys.write_text("sk-client-1\nsk-client-2\n")
+    keys.chmod(0o600)
     upkey = tmp_path / "upstream-a"
     upkey.write_text("sk-upstream-a\n")
+    upkey.chmod(0o600)
     r = make_router({"a": {"url": up["a"].url, "api_key_file": str(upkey)}, "b": up["b"].url},
                     api_keys_file=str(keys))
     calls = [("POST", CHAT), ("POST", "/v1/completions"), ("POST", "/v1/embeddings"), ("GET", "/v1/models"),
@@ -485,6 +487,7 @@ def test_health_reports_state_without_secrets(make_router: MakeRouter, up: dict[
                                               tmp_path: Path) -> None:
     upkey = tmp_path / "k"
     upkey.write_text("sk-secret\n")
+    upkey.chmod(0o600)
     dead = f"http://127.0.0.1:{free_port()}"
     r = make_router({"a": {"url": up["a"].url, "api_key_file": str(upkey)}, "dead": dead},
                     {"chat": ["a"], "gone": ["dead"]},

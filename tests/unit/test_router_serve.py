@@ -29,8 +29,10 @@ def upstream() -> Iterator[Upstream]:
 def test_serve_reloads_keys_on_sighup(tmp_path: Path, upstream: Upstream) -> None:
     clients = tmp_path / "clients"
     clients.write_text("sk-old\n")
+    clients.chmod(0o600)
     upkey = tmp_path / "upstream"
     upkey.write_text("sk-up-1\n")
+    upkey.chmod(0o600)
     port = free_port()
     routes = tmp_path / "routes.json"
     routes.write_text(json.dumps({

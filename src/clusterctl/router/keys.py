@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import stat
 from pathlib import Path
 
 
@@ -18,8 +20,25 @@ class KeyFileError(Exception):
         self.path = path
 
 
+def too_open(path: str) -> str | None:
+    """Why a key file may not be used because other users can read or change it (like ssh
+    refuses such a private key), or None. The files deploy writes are 0600, systemd
+    credentials 0400."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None  # reading it says why
+    if mode & 0o077:
+        return f"the key file is open to other users (mode {mode:04o}); make it private: chmod 600 {path}"
+    return None
+
+
 def read_key_lines(path: str) -> list[str]:
-    """The keys in a file: one per line; blank lines and lines starting with '#' are skipped."""
+    """The keys in a file: one per line; blank lines and lines starting with '#' are skipped.
+    A file other users can read or write is refused (too_open)."""
+    problem = too_open(path)
+    if problem is not None:
+        raise KeyFileError(path, problem)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:

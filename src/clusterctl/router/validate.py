@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from clusterctl.errors import ClusterctlError, ExitCode
 from clusterctl.router.config import RouteTable, load_routes
+from clusterctl.router.keys import too_open
 
 AUTO = "auto"
 """The `model` value that asks the router to choose (rules, then the classifier, then the default)."""
@@ -107,6 +108,8 @@ def _file_problems(table: RouteTable) -> list[str]:
             out.append(f"{where}: {path} does not exist")
         elif not os.access(p, os.R_OK):
             out.append(f"{where}: {path} is not readable")
+        elif (problem := too_open(path)) is not None:
+            out.append(f"{where}: {path}: {problem}")
     return out
 
 
