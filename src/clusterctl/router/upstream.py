@@ -92,12 +92,8 @@ class Response:
         to the sink, unless the body ended or failed in it (then relay() hands over the rest)."""
         if not self._chunks or self._eof or self._exc is not None:
             return
-        chunks = self._chunks
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self._size = 0
         assert self._sink is not None
-        if self._sink(data):
+        if self._sink(self._take()):
             self._pause()
 
     def _pause(self) -> None:
@@ -105,6 +101,14 @@ class Response:
             self._paused = True
             self._conn.transport.pause_reading()
             self._wake()
+
+    def _take(self) -> bytes:
+        """The body bytes received and not handed over yet, at once."""
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._size = 0
+        return data
 
     def _got_eof(self) -> None:
         self._eof = True
@@ -152,9 +156,7 @@ class Response:
                 await waiter
             finally:
                 self._waiter = None
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self._size = 0
+        data = self._take()
         if self._paused and self._conn.transport is not None:
             self._paused = False
             self._conn.transport.resume_reading()
@@ -170,9 +172,7 @@ class Response:
         try:
             while True:
                 if chunks:
-                    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                    chunks.clear()
-                    self._size = 0
+                    data = self._take()
                     if self._eof and self._exc is None:
                         return data
                     if sink(data):
@@ -198,10 +198,7 @@ class Response:
 
     async def read_all(self) -> bytes:
         if self._eof and self._exc is None:  # all of it is here already (a small answer, usually)
-            data = b"".join(self._chunks)
-            self._chunks.clear()
-            self._size = 0
-            return data
+            return self._take() if self._chunks else b""
         parts: list[bytes] = []
         while True:
             data = await self.read_chunk()
