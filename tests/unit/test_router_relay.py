@@ -404,3 +404,67 @@ def test_stream_to_a_slow_client_stops_reading_the_upstream() -> None:
             server.close()
 
     asyncio.run(main())
+
+
+def test_a_failed_write_to_the_client_is_not_the_upstreams_fault(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write to the client that raises while a stream is relayed (from the upstream connection's
+    read callback) ends that client's request as a disconnect (499): the upstream connection is
+    closed (generation stops), and the backend is not counted as failing."""
+    events = [EVENTS[0], b'data: {"choices":[{"delta":{"content":"BOOM"}}]}\n\n', *EVENTS[1:]]
+    lines = LogLines()
+    upstream_closed = asyncio.Event()
+
+    async def main() -> None:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"GET"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                writer.close()
+                return
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            await reader.readexactly(length)
+            writer.write(HEAD)
+            try:
+                for event in events:
+                    writer.write(chunk(event))
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                await reader.read()  # the router closes the connection: the stream ends here
+            except ConnectionError:
+                pass
+            upstream_closed.set()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        upstream_port = int(server.sockets[0].getsockname()[1])
+        table = route_table({"a": {"url": f"http://127.0.0.1:{upstream_port}"}}, {"chat": ["a"]},
+                            health={"interval": 30.0, "failures": 1})
+        router = Router(table, log=JsonLog(lines))  # type: ignore[arg-type]
+        port = await router.start("127.0.0.1", 0)
+        write = asyncio.selector_events._SelectorSocketTransport.write  # type: ignore[attr-defined]
+
+        def failing_write(self: Any, data: bytes) -> None:
+            if self.get_extra_info("sockname")[1] == port and b"BOOM" in bytes(data):
+                raise RuntimeError("the client's transport cannot take this write")
+            write(self, data)
+
+        monkeypatch.setattr(asyncio.selector_events._SelectorSocketTransport, "write", failing_write)
+        try:
+            async with asyncio.timeout(20), aiohttp.ClientSession() as session:
+                async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                        json={"model": "chat", "stream": True}) as resp:
+                    assert resp.status == 200
+                    with pytest.raises(aiohttp.ClientPayloadError):
+                        await resp.read()
+                await upstream_closed.wait()
+                state = router.states["a"]
+                assert (state.up, state.failures, state.in_flight) == (True, 0, 0)
+        finally:
+            await router.stop()
+            server.close()
+
+    asyncio.run(main())
+    access = [line for line in lines.access() if line["path"] == "/v1/chat/completions"]
+    assert (access[0]["status"], access[0]["error"]) == (499, "client disconnected")
+    assert access[0]["bytes"] == len(EVENTS[0])

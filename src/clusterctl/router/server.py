@@ -718,7 +718,11 @@ class Router:
             nonlocal sent
             if transport is None or transport.is_closing():
                 return True  # the client is gone: relay() calls drain(), which says so
-            transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            try:
+                transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            except (OSError, RuntimeError):  # not the upstream's fault: never let it reach its connection
+                transport.abort()
+                return True
             sent += len(data)
             tail.add(data)
             return transport.get_write_buffer_size() > RELAY_HIGH_WATER
