@@ -346,6 +346,20 @@ def test_stream_timed_out_after_the_first_byte_is_cut() -> None:
     assert json.dumps(line)  # a plain JSON line
 
 
+async def one_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Read one request on an upstream test connection: True for a POST (its body read), False
+    for a health check (answered, connection closed)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    if head.startswith(b"GET"):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        writer.close()
+        return False
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    await reader.readexactly(length)
+    return True
+
+
 def test_stream_to_a_slow_client_stops_reading_the_upstream() -> None:
     """A client that does not read makes the router stop reading the upstream (the stream is
     relayed from the upstream's read callback, not buffered without bound), and the whole stream
@@ -356,14 +370,8 @@ def test_stream_to_a_slow_client_stops_reading_the_upstream() -> None:
 
     async def main() -> None:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            head = await reader.readuntil(b"\r\n\r\n")
-            if head.startswith(b"GET"):  # a health check
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-                writer.close()
+            if not await one_request(reader, writer):
                 return
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:"))
-            await reader.readexactly(length)
             writer.write(HEAD)
             for _ in range(pieces):
                 writer.write(chunk(piece))
@@ -416,14 +424,8 @@ def test_a_failed_write_to_the_client_is_not_the_upstreams_fault(monkeypatch: py
 
     async def main() -> None:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            head = await reader.readuntil(b"\r\n\r\n")
-            if head.startswith(b"GET"):
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-                writer.close()
+            if not await one_request(reader, writer):
                 return
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:"))
-            await reader.readexactly(length)
             writer.write(HEAD)
             try:
                 for event in events:
