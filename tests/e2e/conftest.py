@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.testbed import Manager, Testbed, TestbedError, TestbedFactory, open_testbed
+from tests.e2e.testbed import Manager, Testbed, TestbedError, TestbedFactory, open_testbed, require_systemd
 
 TESTBED_FIXTURES = frozenset({"testbed3", "testbed_factory"})
 _reports: list[str] = []
@@ -63,6 +63,13 @@ def testbed3() -> Iterator[Testbed]:
         yield testbed
     finally:
         _close([testbed])
+
+
+@pytest.fixture(scope="module")
+def systemd_nodes(testbed3: Testbed) -> None:
+    """For modules whose tests need systemd on testbed3's nodes (units, journals, NRestarts):
+    they skip where the nodes run without it."""
+    require_systemd(testbed3)
 
 
 @pytest.fixture

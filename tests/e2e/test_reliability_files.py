@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from clusterctl.errors import ExitCode
-from tests.e2e.testbed import Testbed, require_systemd
+from tests.e2e.testbed import Testbed
 from tests.faults import (
     NO_VERIFY,
     blob,
@@ -33,12 +33,7 @@ from tests.faults import (
     web,
 )
 
-pytestmark = pytest.mark.real
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _systemd_nodes(testbed3: Testbed) -> None:
-    require_systemd(testbed3)  # units, journals and NRestarts are systemd's
+pytestmark = [pytest.mark.real, pytest.mark.usefixtures("systemd_nodes")]
 
 
 @pytest.fixture

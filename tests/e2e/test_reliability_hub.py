@@ -19,7 +19,7 @@ import pytest
 from clusterctl.errors import ExitCode
 from clusterctl.inventory import load_inventory
 from tests import assets
-from tests.e2e.testbed import Node, Testbed, require_systemd
+from tests.e2e.testbed import Node, Testbed
 from tests.faults import (
     NO_VERIFY,
     ArgvSampler,
@@ -43,12 +43,7 @@ from tests.faults import (
 )
 from tests.nginx_server import hub_layout
 
-pytestmark = pytest.mark.real
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _systemd_nodes(testbed3: Testbed) -> None:
-    require_systemd(testbed3)  # units, journals and NRestarts are systemd's
+pytestmark = [pytest.mark.real, pytest.mark.usefixtures("systemd_nodes")]
 
 
 TOKEN = f"hf_canary_{secrets.token_hex(8)}"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from clusterctl.errors import ExitCode
-from tests.e2e.testbed import Node, Testbed, require_systemd
+from tests.e2e.testbed import Node, Testbed
 from tests.faults import (
     MANAGED_DIRS,
     NO_VERIFY,
@@ -33,12 +33,7 @@ from tests.faults import (
     web,
 )
 
-pytestmark = pytest.mark.real
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _systemd_nodes(testbed3: Testbed) -> None:
-    require_systemd(testbed3)  # units, journals and NRestarts are systemd's
+pytestmark = [pytest.mark.real, pytest.mark.usefixtures("systemd_nodes")]
 
 
 WEIGHT = 24 << 20  # at 40 Mbit/s: about 5 s of pushing, the window the faults aim at

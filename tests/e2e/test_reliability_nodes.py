@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from clusterctl.errors import ExitCode
-from tests.e2e.testbed import Node, Testbed, TestbedFactory, require_systemd
+from tests.e2e.testbed import Node, Testbed, TestbedFactory
 from tests.faults import (
     blob,
     deploy,
@@ -38,12 +38,7 @@ from tests.faults import (
 )
 from tests.sshd import keygen, public_key, sha256_fingerprint
 
-pytestmark = pytest.mark.real
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _systemd_nodes(testbed3: Testbed) -> None:
-    require_systemd(testbed3)  # units, journals and NRestarts are systemd's
+pytestmark = [pytest.mark.real, pytest.mark.usefixtures("systemd_nodes")]
 
 
 PORTS = {"node1": 8101, "node2": 8102, "node3": 8103}

@@ -24,7 +24,7 @@ import pytest
 
 from clusterctl.errors import ExitCode
 from tests.e2e.test_deploy import _package_for_nodes
-from tests.e2e.testbed import Node, Testbed, require_systemd
+from tests.e2e.testbed import Node, Testbed
 from tests.faults import (
     NO_VERIFY,
     SECRETS,
@@ -38,12 +38,7 @@ from tests.faults import (
     remove_services,
 )
 
-pytestmark = pytest.mark.real
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _systemd_nodes(testbed3: Testbed) -> None:
-    require_systemd(testbed3)  # units, journals and NRestarts are systemd's
+pytestmark = [pytest.mark.real, pytest.mark.usefixtures("systemd_nodes")]
 
 
 CANARIES = {
