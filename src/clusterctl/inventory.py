@@ -64,6 +64,12 @@ Duration = Annotated[float, BeforeValidator(_duration)]
 Name = Annotated[str, BeforeValidator(check_name)]
 
 
+
+def _plain_relative(path: str) -> bool:
+    """A relative path with no empty or '..' part and no newline: it stays inside the folder it
+    is joined to."""
+    return not path.startswith("/") and all(p not in ("", "..") for p in path.split("/")) and "\n" not in path
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -156,7 +162,7 @@ class LlamaCppBuild(Strict):
     @field_validator("subdir")
     @classmethod
     def _subdir(cls, v: str | None) -> str | None:
-        if v is not None and (v.startswith("/") or any(p in ("", "..") for p in v.split("/")) or "\n" in v):
+        if v is not None and not _plain_relative(v):
             raise ValueError(f"{v!r} must be a relative path without '..'")
         return v
 
@@ -369,7 +375,7 @@ class Model(Strict):
     @classmethod
     def _files(cls, v: list[str]) -> list[str]:
         for f in v:
-            if f.startswith("/") or any(p in ("..", "") for p in f.split("/")) or "\n" in f:
+            if not _plain_relative(f):
                 raise ValueError(f"file {f!r} must be a relative path inside the repository")
         return v
 
