@@ -64,11 +64,11 @@ Duration = Annotated[float, BeforeValidator(_duration)]
 Name = Annotated[str, BeforeValidator(check_name)]
 
 
-
 def _plain_relative(path: str) -> bool:
     """A relative path with no empty or '..' part and no newline: it stays inside the folder it
     is joined to."""
     return not path.startswith("/") and all(p not in ("", "..") for p in path.split("/")) and "\n" not in path
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
