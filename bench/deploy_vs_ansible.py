@@ -467,12 +467,12 @@ class AnsibleSetup:
 
 def ansible_vars(inventory: Path, render_dir: Path) -> dict[str, dict[str, Any]]:
     """Per node: the files, binaries, model and units clusterctl deploys for `inventory`."""
+    from clusterctl.deploy.desired import build_desired
+    from clusterctl.engines import launch_specs
     from clusterctl.inventory import load_inventory
-    from clusterctl.launch import launch_specs
     from clusterctl.lockfile import lock_path, metas_for, read_lock
     from clusterctl.planner import make_plan
     from clusterctl.render import render
-    from clusterctl.rollout import build_desired
 
     inv = load_inventory(inventory)
     lock = read_lock(lock_path(inventory))

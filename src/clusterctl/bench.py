@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clusterctl.engines import LaunchSpec, launch_specs
 from clusterctl.inventory import Inventory
-from clusterctl.launch import LaunchSpec, launch_specs, local_host
+from clusterctl.layout import local_host
 from clusterctl.secretref import read_secret
 from clusterctl.transport import Transport
 

@@ -181,13 +181,13 @@ def deploy(
 ) -> None:
     """Make the cluster match the inventory over SSH: acquire -> router -> services -> verify."""
     from clusterctl import ui
-    from clusterctl.changes import PHASES
+    from clusterctl.deploy.lock import cluster_lock
+    from clusterctl.deploy.model import PHASES
+    from clusterctl.deploy.rollout import deploy as do_deploy
     from clusterctl.errors import UsageError
     from clusterctl.lockfile import lock_path, metas_for, read_lock
     from clusterctl.planner import make_plan
     from clusterctl.render import render as do_render
-    from clusterctl.rollout import cluster_lock
-    from clusterctl.rollout import deploy as do_deploy
     from clusterctl.transport.connect import connect
 
     inv = _load(inventory)

@@ -419,6 +419,9 @@ class Service(Strict):
     rpc_cache: bool = Field(False, description="rpc-server --cache: keep tensors on the worker's disk")
     container: Container | None = None
     command: list[str] = Field(default_factory=list, description="custom engine: argv")
+    health_path: str | None = Field(
+        None, pattern=r"^/[A-Za-z0-9._~/?=&%-]*$",
+        description="custom engine: the HTTP path that answers 200 once it serves (default: a TCP connect)")
     binary: str | None = Field(None, description="engine executable on the node (default: the one deploy installs)")
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (llama.cpp -t, rpc-server -t)")
     memory: Size | None = Field(None, description="custom engine: memory it needs on its device")
@@ -477,6 +480,8 @@ class Service(Strict):
                 raise ValueError("engine custom needs 'command'")
         elif self.model is None:
             raise ValueError(f"engine {self.engine} needs 'model'")
+        if self.health_path is not None and self.engine != "custom":
+            raise ValueError(f"health_path is for engine custom; {self.engine}'s health check is built in")
         if self.rpc_workers and self.engine != "llama-server":
             raise ValueError("rpc_workers belongs to a llama-server head")
         if self.ubatch > self.batch:

@@ -20,15 +20,21 @@ from xml.sax.saxutils import escape as xml_escape
 
 import jinja2
 
+from clusterctl.engines import LaunchSpec, SecretFile, health_path, launch_specs
 from clusterctl.errors import ClusterctlError, ExitCode
 from clusterctl.inventory import Inventory, Node
-from clusterctl.launch import (
+from clusterctl.layout import (
+    ROUTER_HEALTH,
     ROUTER_SERVICE,
-    LaunchSpec,
-    SecretFile,
     base_dir,
-    launch_specs,
+    control_script,
+    launchd_label,
+    launchd_plist,
+    log_path,
+    pid_file,
+    script_path,
     secret_path,
+    systemd_unit_file,
     unit_name,
 )
 from clusterctl.planner import Plan
@@ -152,7 +158,7 @@ def _device_allow(node: Node, spec: LaunchSpec) -> list[str]:
 def _service_files(inv: Inventory, spec: LaunchSpec, same_node: dict[str, list[str]]) -> list[RenderedFile]:
     node = inv.nodes[spec.node]
     base = base_dir(node)
-    script = f"{base}/bin/{spec.service}.sh"
+    script = script_path(node, spec.service)
     restarts = (spec.service,)
     secrets = tuple(s.ref for s in spec.secrets)
     files = [RenderedFile(spec.node, script, render_template("scripts/launch.sh.j2", spec=spec), 0o755,
@@ -176,16 +182,16 @@ def _service_files(inv: Inventory, spec: LaunchSpec, same_node: dict[str, list[s
         text = render_template("systemd/service.j2", spec=spec, script=script, unit=unit, after_units=after,
                                device_allow=_device_allow(node, spec), state_dir=f"{base}/state",
                                stop_script=stop_script, post_script=post_script)
-        files.append(RenderedFile(spec.node, f"/etc/systemd/system/{unit}.service", text, 0o644, restarts))
+        files.append(RenderedFile(spec.node, systemd_unit_file(spec.service), text, 0o644, restarts))
     elif manager == "launchd":
-        label = f"io.clusterctl.{spec.service}"
+        label = launchd_label(spec.service)
         text = render_template("launchd/service.plist.j2", spec=spec, script=script, label=label,
-                               log=f"{base}/log/{spec.service}.log")
-        files.append(RenderedFile(spec.node, f"/Library/LaunchDaemons/{label}.plist", text, 0o644, restarts))
+                               log=log_path(node, spec.service))
+        files.append(RenderedFile(spec.node, launchd_plist(spec.service), text, 0o644, restarts))
     else:
-        control = f"{base}/bin/{spec.service}-ctl.sh"
+        control = control_script(node, spec.service)
         text = render_template("scripts/direct.sh.j2", spec=spec, script=script, control=control,
-                               pidfile=f"{base}/run/{spec.service}.pid", log=f"{base}/log/{spec.service}.log")
+                               pidfile=pid_file(node, spec.service), log=log_path(node, spec.service))
         files.append(RenderedFile(spec.node, control, text, 0o755, restarts))
     return files
 
@@ -212,7 +218,7 @@ def route_table(inv: Inventory) -> RouteTable | None:
         key = upstream_key_path(name) if svc.api_key else None
         backends[name] = Backend(url=f"http://{host}:{svc.default_port}", model=name, api_key_file=key,
                                  max_concurrency=max(1, svc.parallel * 2),
-                                 health_path="/api/version" if svc.engine == "ollama" else "/health",
+                                 health_path=health_path(svc),
                                  timeout=max(600.0, svc.startup_timeout))
     return RouteTable(
         cluster=inv.cluster.name, listen_host=r.bind, listen_port=r.port,
@@ -223,15 +229,13 @@ def route_table(inv: Inventory) -> RouteTable | None:
     )
 
 
-def _router_files(inv: Inventory, plan_specs: list[LaunchSpec]) -> tuple[list[RenderedFile], list[SecretFile]]:
+def router_spec(inv: Inventory, plan_specs: list[LaunchSpec]) -> LaunchSpec:
+    """The router's own service: how it starts, where it listens and how its health is probed."""
     r = inv.router
     assert r is not None
-    node = inv.nodes[r.node]
-    base = base_dir(node)
+    base = base_dir(inv.nodes[r.node])
     table = route_table(inv)
     assert table is not None
-    routes_path = f"{base}/router/routes.json"
-    routes_text = json.dumps(table.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
     secrets: list[SecretFile] = []
     if r.api_key:
         secrets.append(SecretFile(secret_path(ROUTER_SERVICE), None, r.api_key.describe()))
@@ -241,17 +245,27 @@ def _router_files(inv: Inventory, plan_specs: list[LaunchSpec]) -> tuple[list[Re
         ref = inv.services[name].api_key
         assert ref is not None
         secrets.append(SecretFile(upstream_key_path(name), None, ref.describe()))
-    spec = LaunchSpec(
+    return LaunchSpec(
         service=ROUTER_SERVICE.removeprefix("clusterctl-"), node=r.node, engine="router",
-        argv=(*(r.command or [f"{base}/venv/bin/clusterctl"]), "router", "serve", "--routes", routes_path),
-        port=r.port, bind=r.bind, metrics_path="/metrics", startup_timeout=60.0,
+        argv=(*(r.command or [f"{base}/venv/bin/clusterctl"]), "router", "serve", "--routes",
+              f"{base}/router/routes.json"),
+        port=r.port, bind=r.bind, health_path=ROUTER_HEALTH, metrics_path="/metrics", startup_timeout=60.0,
         secrets=tuple(secrets),
     )
+
+
+def _router_files(inv: Inventory, plan_specs: list[LaunchSpec]) -> tuple[list[RenderedFile], list[SecretFile]]:
+    r = inv.router
+    assert r is not None
+    table = route_table(inv)
+    assert table is not None
+    spec = router_spec(inv, plan_specs)
+    routes_path = spec.argv[-1]
+    routes_text = json.dumps(table.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
     files = _service_files(inv, spec, {})
-    restarts = (spec.service,)
-    files.append(RenderedFile(r.node, routes_path, routes_text, 0o644, restarts,
-                              tuple(s.ref for s in secrets)))
-    return files, secrets
+    files.append(RenderedFile(r.node, routes_path, routes_text, 0o644, (spec.service,),
+                              tuple(s.ref for s in spec.secrets)))
+    return files, list(spec.secrets)
 
 
 def _monitoring_files(inv: Inventory, specs: list[LaunchSpec]) -> list[RenderedFile]:

@@ -10,11 +10,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from clusterctl.deploy import checks
+from clusterctl.deploy.managers import manager
+from clusterctl.engines import launch_specs
+from clusterctl.http import http
 from clusterctl.inventory import Inventory
-from clusterctl.launch import launch_specs, local_host, unit_name
+from clusterctl.layout import local_host
 from clusterctl.planner import Plan
+from clusterctl.secretref import read_secret
 from clusterctl.transport import Transport, TransportError
-from clusterctl.verify import http
 
 
 @dataclass
@@ -65,36 +69,36 @@ def snapshot(inv: Inventory, connect: Callable[[str], Transport], plan: Plan | N
         except TransportError as exc:
             return [ServiceStatus(node, s.service, s.engine, "unreachable", "-", errors=[str(exc)]) for s in mine]
         out = []
+        n = inv.nodes[node]
+        mgr = manager(n)
         try:
-            systemd = inv.nodes[node].manager == "systemd"
             for s in mine:
-                unit = f"{unit_name(s.service)}.service"
-                state, memory, errors = "unknown", 0, []
-                if systemd:
-                    show = t.run(["systemctl", "show", "-p", "ActiveState", "-p", "MemoryCurrent", "-p", "MainPID",
-                                  "--", unit], timeout=30).out
-                    props = dict(line.split("=", 1) for line in show.splitlines() if "=" in line)
-                    state = props.get("ActiveState", "unknown")
-                    memory = int(props["MemoryCurrent"]) if props.get("MemoryCurrent", "").isdigit() else 0
-                    pid = props.get("MainPID", "0")
-                    if not memory and pid.isdigit() and pid != "0":
-                        rss = t.run(["ps", "-o", "rss=", "--pid", pid, "--ppid", pid], timeout=30).out
-                        memory = sum(int(v) for v in rss.split() if v.isdigit()) * 1024
-                    journal = t.run(["journalctl", "-u", unit, "-p", "err", "-n", "3", "--no-pager", "-o", "cat",
-                                     "--since", "-15min"], timeout=30).out
-                    errors = [line for line in journal.splitlines() if line.strip()][-3:]
-                health = "-"
-                if s.health_path:
-                    host = local_host(s.bind)
-                    code = http(t, f"http://{host}:{s.port}{s.health_path}", timeout=5).status
+                c = mgr.inspect(n, s.service)
+                shown = t.run(list(c.argv), timeout=c.timeout)
+                seen = mgr.parse_inspect(shown.rc, shown.out)
+                memory = seen.memory
+                if not memory and seen.pid:
+                    pid = str(seen.pid)  # with its children where ps can say (GNU ps; BSD ps: the process)
+                    who = ["-p", pid] if n.os == "macos" else ["--pid", pid, "--ppid", pid]
+                    rss = t.run(["ps", "-o", "rss=", *who], timeout=30).out
+                    memory = sum(int(v) for v in rss.split() if v.isdigit()) * 1024
+                errors: list[str] = []
+                journal = mgr.errors(n, s.service)
+                if journal is not None:
+                    text = t.run(list(journal.argv), timeout=journal.timeout).out
+                    errors = [line for line in text.splitlines() if line.strip()][-3:]
+                if s.health_path is not None:
+                    code = http(t, f"http://{local_host(s.bind)}:{s.port}{s.health_path}", timeout=5).status
                     health = {200: "ok", 503: "loading"}.get(code, "down")
-                out.append(ServiceStatus(node, s.service, s.engine, state, health, memory,
+                else:  # the adapter's check is a TCP connect
+                    probe = checks.health_probe(s)
+                    tcp = t.run(list(probe.argv), timeout=probe.timeout)
+                    health = "ok" if checks.probe_passed(probe, tcp.rc, tcp.out) else "down"
+                out.append(ServiceStatus(node, s.service, s.engine, seen.state, health, memory,
                                          planned.get(s.service, 0), errors))
             if inv.router is not None and inv.router.node == node:
                 r = inv.router
                 host = local_host(r.bind)
-                from clusterctl.secretref import read_secret
-
                 metrics = http(t, f"http://{host}:{r.port}/metrics", key=read_secret(r.api_key), timeout=5)
                 snap.requests_total = parse_requests_total(metrics.body.decode(errors="replace"))
         finally:

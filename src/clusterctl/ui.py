@@ -13,14 +13,14 @@ from rich.table import Table
 from clusterctl.units import GIB, MIB, fmt_duration, fmt_size
 
 if TYPE_CHECKING:
-    from clusterctl.changes import Phase, Step
+    from clusterctl.deploy.model import Phase, Step
+    from clusterctl.deploy.rollout import DeployResult
     from clusterctl.errors import ClusterctlError
     from clusterctl.inventory import Inventory
     from clusterctl.models.meta import ModelMeta
     from clusterctl.planner import Plan
     from clusterctl.planner.llama import LlamaEstimate
     from clusterctl.render import Rendered
-    from clusterctl.rollout import DeployResult
     from clusterctl.status import StatusSnapshot
     from clusterctl.tree import Change
     from clusterctl.verify import VerifyResult

@@ -8,7 +8,6 @@ file, never in argv.
 from __future__ import annotations
 
 import json
-import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
@@ -18,8 +17,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from clusterctl import sanity
+from clusterctl.deploy import ops
+from clusterctl.engines import LaunchSpec, launch_specs
+from clusterctl.http import Http, http
 from clusterctl.inventory import Inventory
-from clusterctl.launch import LaunchSpec, launch_specs, local_host, rpc_endpoint
+from clusterctl.layout import ROUTER_HEALTH, local_host, rpc_endpoint
 from clusterctl.planner import Plan
 from clusterctl.secretref import read_secret
 from clusterctl.transport import Transport, TransportError
@@ -68,39 +70,6 @@ class VerifyResult:
         return ET.tostring(suites, encoding="unicode") + "\n"
 
 
-@dataclass(frozen=True)
-class Http:
-    status: int
-    body: bytes
-    headers: dict[str, str]
-    seconds: float
-
-
-def http(t: Transport, url: str, *, method: str = "GET", body: dict[str, Any] | None = None,
-         key: str | None = None, timeout: float = 60.0) -> Http:
-    """One request from the node with curl. The key travels on stdin (curl -H @-)."""
-    argv = ["curl", "-sS", "-i", "--max-time", str(int(timeout)), "-X", method, "-H", "@-"]
-    headers = ""
-    if key:
-        headers += f"Authorization: Bearer {key}\n"
-    if body is not None:
-        headers += "Content-Type: application/json\n"
-        argv += ["--data-binary", json.dumps(body)]
-    start = time.monotonic()
-    r = t.run([*argv, url], input=headers.encode(), timeout=timeout + 15)
-    seconds = time.monotonic() - start
-    if not r.ok:
-        return Http(0, r.stderr, {}, seconds)
-    raw = r.stdout
-    head, _, rest = raw.partition(b"\r\n\r\n")
-    while head.startswith(b"HTTP/") and b" 100 " in head.split(b"\r\n", 1)[0]:
-        head, _, rest = rest.partition(b"\r\n\r\n")
-    lines = head.decode(errors="replace").split("\r\n")
-    m = re.match(r"HTTP/\S+ (\d+)", lines[0] if lines else "")
-    hdrs = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return Http(int(m.group(1)) if m else 0, rest, hdrs, seconds)
-
-
 def _key(inv: Inventory, service: str) -> str | None:
     svc = inv.services.get(service)
     return read_secret(svc.api_key) if svc is not None else None
@@ -131,40 +100,29 @@ def check_service(inv: Inventory, t: Transport, spec: LaunchSpec, baselines: dic
     wrong = [a for a in addresses if a != spec.bind]
     out.append(Check(node, name, "listening", "fail" if wrong else "ok",
                      f"bound to {', '.join(addresses)}" + (f", inventory says {spec.bind}" if wrong else "")))
-    if spec.engine == "rpc-server":
+    if spec.health_path is None or not spec.chat:
+        # the adapter's health check is a TCP connect (rpc-server, a custom command without a
+        # health path): listening where the inventory says is that check
         return out, measured
     key = _key(inv, name)
     # health: 200, or 503 while the model loads (wait up to `wait` seconds)
     deadline = time.monotonic() + wait
-    health_path = spec.health_path or "/health"
     while True:
-        h = http(t, base + health_path, key=key, timeout=10)
+        h = http(t, base + spec.health_path, key=key, timeout=10)
         if h.status == 200 or time.monotonic() > deadline:
             break
         time.sleep(1.0)
     if h.status != 200:
         state = "still loading (503)" if h.status == 503 else f"HTTP {h.status or 'unreachable'}"
-        out.append(Check(node, name, "health", "fail", f"{health_path}: {state}"))
+        out.append(Check(node, name, "health", "fail", f"{spec.health_path}: {state}"))
         return out, measured
-    out.append(Check(node, name, "health", "ok", f"{health_path} 200"))
-    # identity: the port serves the expected model, not some other process
-    models = http(t, base + "/v1/models", key=key, timeout=15)
-    ids: list[str] = []
-    try:
-        data = json.loads(models.body or b"{}")
-        ids = [str(m.get("id")) for m in data.get("data", [])] + [str(m.get("name")) for m in data.get("models", [])]
-    except (json.JSONDecodeError, AttributeError):
-        pass
+    out.append(Check(node, name, "health", "ok", f"{spec.health_path} 200"))
     expected = name
-    if models.status == 401:
-        out.append(Check(node, name, "model", "fail", "/v1/models: 401, the API key in the inventory is refused"))
-        return out, measured
-    if not any(i == expected or i.split(":")[0] == expected for i in ids):
-        out.append(Check(node, name, "model", "fail",
-                         f"/v1/models serves {', '.join(ids) or 'nothing'}, expected '{expected}' "
-                         "(another process on this port?)"))
-        return out, measured
-    out.append(Check(node, name, "model", "ok", f"serves '{expected}'"))
+    if spec.identity:
+        models = http(t, base + "/v1/models", key=key, timeout=15)
+        failed = _identity(node, name, models, out)
+        if failed:
+            return out, measured
     # smoke prompt: completes, and the answer is sane
     body = {"model": expected, "messages": [{"role": "user", "content": SMOKE_PROMPT}], "max_tokens": 48,
             "temperature": 0}
@@ -201,13 +159,34 @@ def check_service(inv: Inventory, t: Transport, spec: LaunchSpec, baselines: dic
     return out, measured
 
 
+def _identity(node: str, name: str, models: Http, out: list[Check]) -> bool:
+    """The port serves the expected model, not some other process; True when it failed."""
+    ids: list[str] = []
+    try:
+        data = json.loads(models.body or b"{}")
+        ids = [str(m.get("id")) for m in data.get("data", [])] + [str(m.get("name")) for m in data.get("models", [])]
+    except (json.JSONDecodeError, AttributeError):
+        pass
+    if models.status == 401:
+        out.append(Check(node, name, "model", "fail", "/v1/models: 401, the API key in the inventory is refused"))
+        return True
+    if not any(i == name or i.split(":")[0] == name for i in ids):
+        out.append(Check(node, name, "model", "fail",
+                         f"/v1/models serves {', '.join(ids) or 'nothing'}, expected '{name}' "
+                         "(another process on this port?)"))
+        return True
+    out.append(Check(node, name, "model", "ok", f"serves '{name}'"))
+    return False
+
+
 def check_rpc(inv: Inventory, t: Transport, spec: LaunchSpec) -> list[Check]:
     """From the head's node: every rpc worker accepts connections."""
     out = []
     svc = inv.services[spec.service]
     for w in svc.rpc_workers:
         host, port = rpc_endpoint(inv, w)
-        r = t.run(["bash", "-c", f"exec 3<>/dev/tcp/{host}/{int(port)}"], timeout=15)
+        probe = ops.tcp_probe(host, port, timeout=15)
+        r = t.run(list(probe.argv), timeout=probe.timeout)
         out.append(Check(spec.node, spec.service, f"rpc {w}", "ok" if r.ok else "fail",
                          f"{host}:{port} " + ("reachable" if r.ok else "not reachable from the head")))
     return out
@@ -220,8 +199,8 @@ def check_routes(inv: Inventory, t: Transport) -> list[Check]:
     out = []
     base = f"http://{local_host(r.bind)}:{r.port}"
     key = read_secret(r.api_key)
-    h = http(t, base + "/health", timeout=10)
-    out.append(Check(r.node, "router", "health", "ok" if h.status == 200 else "fail", f"/health {h.status}"))
+    h = http(t, base + ROUTER_HEALTH, timeout=10)
+    out.append(Check(r.node, "router", "health", "ok" if h.status == 200 else "fail", f"{ROUTER_HEALTH} {h.status}"))
     for task, chain in sorted(r.routes.items()):
         body = {"model": task, "messages": [{"role": "user", "content": "Reply with one word."}], "max_tokens": 4}
         resp = http(t, base + "/v1/chat/completions", method="POST", body=body, key=key, timeout=300)

@@ -18,9 +18,9 @@ import pytest
 from typer.testing import CliRunner
 
 from clusterctl.cli import app
-from clusterctl.engines import COMMON_FLAGS, build_key
+from clusterctl.deploy.desired import file_sha256
+from clusterctl.engines.install import COMMON_FLAGS, build_key
 from clusterctl.errors import ExitCode
-from clusterctl.rollout import file_sha256
 from tests import assets
 from tests.e2e.test_deploy import chat, deploy
 from tests.e2e.testbed import Testbed

@@ -18,12 +18,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from clusterctl.changes import Desired
 from clusterctl.cli import app
-from clusterctl.engines import VenvInstall, venv_install
+from clusterctl.deploy.desired import DeployError
+from clusterctl.deploy.executor import NullReporter
+from clusterctl.deploy.model import Desired
+from clusterctl.deploy.rollout import NodeRun
+from clusterctl.engines.install import VenvInstall, venv_install
 from clusterctl.errors import ExitCode
 from clusterctl.inventory import PythonEngine, load_inventory
-from clusterctl.rollout import DeployError, NullReporter, _NodeRun
 from clusterctl.transport.connect import connect
 from tests import assets
 from tests.e2e.test_deploy import deploy
@@ -67,12 +69,12 @@ def test_an_engine_without_its_executable_is_refused_and_nothing_is_switched(
     assert tb.node("node1").run(["test", "-e", "/opt/clusterctl/bin/big.sh"]).returncode == 1  # stopped there
 
 
-def _install(run: _NodeRun, requirement: str, find_links: str) -> VenvInstall:
+def _install(run: NodeRun, requirement: str, find_links: str) -> VenvInstall:
     inv_node = run.inv.nodes["node1"]
     v = venv_install(inv_node, "vllm", PythonEngine(requirement=requirement, python="/usr/bin/python3",
                                                      find_links=find_links))
     v = dataclasses.replace(v, binary=f"{v.link}/bin/wheel")  # the executable this package provides
-    run._install(v)
+    run.executor().install(v)
     return v
 
 
@@ -84,7 +86,7 @@ def test_upgrades_switch_the_link_keep_one_back_and_a_failed_one_changes_nothing
     wheels = str(assets.wheelhouse())
     transport = connect("node1", inv.nodes["node1"], inv.cluster.ssh)
     try:
-        run = _NodeRun(inv, Desired(node="node1", base="/opt/clusterctl", systemd=True), transport,
+        run = NodeRun(inv, Desired(node="node1", base="/opt/clusterctl", manager="systemd"), transport,
                        NullReporter(), {})
 
         def serving() -> tuple[str, str]:

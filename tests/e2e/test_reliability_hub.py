@@ -236,10 +236,10 @@ def test_node_side_pull_reports_its_progress(testbed3: Testbed, tmp_path: Path, 
     """The node's curl writes the file; deploy reports its size while it grows (the progress
     bars): a server that sends 100,000 bytes and then waits shows the bytes curl has written
     (it writes in blocks: up to that figure), every second, for as long as the transfer runs."""
+    from clusterctl.deploy.executor import NullReporter
+    from clusterctl.deploy.rollout import deploy as rollout_deploy
     from clusterctl.lockfile import lock_path, read_lock
     from clusterctl.render import render
-    from clusterctl.rollout import NullReporter
-    from clusterctl.rollout import deploy as rollout_deploy
     from clusterctl.transport.connect import connect
 
     seen: list[tuple[str, str, int, int]] = []

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from clusterctl.changes import Desired, EngineFile, SecretValue, WeightFile, diff, summary
-from clusterctl.facts import NodeFacts, parse_sha256sum, parse_ss, parse_stat
+from clusterctl.deploy.changes import diff, summary
+from clusterctl.deploy.facts import parse_sha256sum, parse_ss, parse_stat
+from clusterctl.deploy.model import Desired, EngineFile, NodeFacts, SecretValue, WeightFile
 from clusterctl.render import RenderedFile
 
 SCRIPT = RenderedFile("n1", "/opt/clusterctl/bin/chat.sh", "#!/usr/bin/env bash\nexec x\n", 0o755, ("chat",))
@@ -16,7 +17,7 @@ KEY = SecretValue("/etc/clusterctl/secrets/chat.key", "env:KEY", b"s3cret\n")
 
 
 def desired() -> Desired:
-    return Desired(node="n1", base="/opt/clusterctl", systemd=True, files=[SCRIPT, UNIT, ROUTES, PROM],
+    return Desired(node="n1", base="/opt/clusterctl", manager="systemd", files=[SCRIPT, UNIT, ROUTES, PROM],
                    secrets=[KEY], weights=[WEIGHT], engines=[ENGINE], services=["chat", "router"],
                    units={"chat": "clusterctl-chat.service", "router": "clusterctl-router.service"})
 
@@ -103,7 +104,7 @@ def test_probe_parsers() -> None:
 
 
 def test_gpu_drift_stops_a_node_that_has_less_than_the_inventory_says() -> None:
-    from clusterctl.facts import Gpu, gpu_drift, parse_nvidia_smi
+    from clusterctl.deploy.facts import Gpu, gpu_drift, parse_nvidia_smi
     from clusterctl.inventory import Accelerator, Node
 
     node = Node(address="10.0.0.1", accelerators=[Accelerator(kind="cuda", count=1, memory="48GiB")])
@@ -116,7 +117,7 @@ def test_gpu_drift_stops_a_node_that_has_less_than_the_inventory_says() -> None:
 
 def test_direct_manager_service_that_stopped_is_started() -> None:
     d = desired()
-    d.systemd = False
+    d.manager = "direct"
     d.units = {"chat": "/opt/clusterctl/bin/chat-ctl.sh", "router": "/opt/clusterctl/bin/router-ctl.sh"}
     facts = converged()
     facts.units = {"/opt/clusterctl/bin/chat-ctl.sh": "inactive", "/opt/clusterctl/bin/router-ctl.sh": "active"}
@@ -124,7 +125,7 @@ def test_direct_manager_service_that_stopped_is_started() -> None:
 
 
 def test_probe_sections_are_cut_at_the_marker_lines_only() -> None:
-    from clusterctl.facts import parse_found, parse_sections
+    from clusterctl.deploy.facts import parse_found, parse_sections
 
     m = "@@clusterctl-0a1b2c@@"
     text = (f"{m}uname\nLinux x86_64\n{m}manifest\n{{\"a\": 1}}\nnot @@clusterctl-0a1b2c@@x at the start\n"

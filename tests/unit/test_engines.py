@@ -11,10 +11,10 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from clusterctl.changes import Desired, Step, WeightFile, diff
 from clusterctl.cli import app
-from clusterctl.engines import COMMON_FLAGS, LlamaBuild, backend_label, build_key, cmake_flags, venv_install
-from clusterctl.facts import NodeFacts
+from clusterctl.deploy.changes import diff
+from clusterctl.deploy.model import Desired, NodeFacts, Step, WeightFile
+from clusterctl.engines.install import COMMON_FLAGS, LlamaBuild, backend_label, build_key, cmake_flags, venv_install
 from clusterctl.inventory import Engines, LlamaCppBuild, Node, PythonEngine
 
 SRC = LlamaCppBuild(source="file:///srv/llama.cpp-b6000.tar.gz", cmake_flags=["-DCMAKE_CUDA_ARCHITECTURES=89"])
@@ -78,7 +78,7 @@ VENV = venv_install(node(), "vllm", PythonEngine(requirement="vllm==0.11.0"))
 
 def built_desired() -> Desired:
     server, worker = BUILD.binary("llama-server"), BUILD.binary("rpc-server")
-    return Desired(node="n1", base="/opt/clusterctl", systemd=True, builds=[(BUILD, ARCHIVE)], venvs=[VENV],
+    return Desired(node="n1", base="/opt/clusterctl", manager="systemd", builds=[(BUILD, ARCHIVE)], venvs=[VENV],
                    services=["rpc", "chat", "big"],
                    units={"rpc": "clusterctl-rpc.service", "chat": "clusterctl-chat.service",
                           "big": "clusterctl-big.service"},

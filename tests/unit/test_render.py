@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from clusterctl import render as render_mod
 from clusterctl.cli import app
+from clusterctl.engines import launch_specs
 from clusterctl.inventory import load_inventory
-from clusterctl.launch import launch_specs
 from clusterctl.lockfile import lock_path, metas_for, read_lock
 from clusterctl.planner import make_plan
 from clusterctl.render import Rendered, RenderError, render

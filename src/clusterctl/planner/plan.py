@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from clusterctl.engines import adapter
+from clusterctl.engines.install import archive_name, backend_label, llama_targets, pip_engines
+from clusterctl.engines.ollama import DEFAULT_CONTEXT as OLLAMA_DEFAULT_CONTEXT
 from clusterctl.inventory import Inventory, Node, Service
 from clusterctl.models.meta import ModelMeta
 from clusterctl.planner.engines import estimate_vllm, split_mlx
@@ -180,7 +183,7 @@ class _Ledger:
 
 
 def llama_params(svc: Service, meta: ModelMeta, *, context: int | None = None) -> LlamaParams:
-    engine_default_ctx = 4096 if svc.engine == "ollama" else None
+    engine_default_ctx = OLLAMA_DEFAULT_CONTEXT if svc.engine == "ollama" else None
     ctx = context or svc.context or engine_default_ctx or meta.n_ctx_train
     flash = svc.flash_attn if svc.flash_attn is not None else svc.engine != "ollama"
     ngl = 999 if svc.gpu_layers == "all" else int(svc.gpu_layers)
@@ -262,13 +265,14 @@ def make_plan(inv: Inventory, metas: dict[str, ModelMeta]) -> Plan:
             findings.append(Finding("error", name, f"no metadata for model '{svc.model}'",
                                     "run `clusterctl resolve` to pin it in the lock file"))
             continue
-        if svc.engine in ("llama-server", "ollama"):
+        memory_model = adapter(svc.engine).memory_model
+        if memory_model == "llama.cpp":
             assert meta is not None
             services.append(_plan_llama(inv, ledger, metas, name, svc, meta, findings))
-        elif svc.engine == "vllm":
+        elif memory_model == "vllm":
             assert meta is not None
             services.append(_plan_vllm(inv, ledger, name, svc, meta, findings))
-        elif svc.engine in ("exo", "mlx-lm"):
+        elif memory_model == "mlx":
             assert meta is not None
             services.append(_plan_mlx(inv, ledger, name, svc, meta, findings))
         else:
@@ -483,13 +487,6 @@ def _size_findings(inv: Inventory, metas: dict[str, ModelMeta], findings: list[F
 
 
 def _steps(inv: Inventory, metas: dict[str, ModelMeta], services: list[ServicePlan]) -> list[Step]:
-    from clusterctl.engines import (  # engines -> launch -> planner
-        archive_name,
-        backend_label,
-        llama_targets,
-        pip_engines,
-    )
-
     rate = parse_rate(inv.cluster.defaults.link_speed)
     steps: list[Step] = []
     seen: set[tuple[str, str]] = set()

@@ -22,7 +22,8 @@ class Backend(_Strict):
     model: str = Field(description="model name to send upstream (the engine's alias / served name)")
     api_key_file: str | None = Field(None, description="file holding the key the router sends upstream")
     max_concurrency: int = Field(64, ge=1, description="requests in flight to this backend at most")
-    health_path: str = "/health"
+    health_path: str | None = Field(
+        "/health", description="GET it for the active health check; null: a TCP connect is the check")
     timeout: float = Field(600.0, gt=0, description="seconds for a whole upstream request")
     connect_timeout: float = Field(5.0, gt=0)
 

@@ -234,7 +234,9 @@ class Router:
             check_headers = {"User-Agent": "clusterctl-router", "Connection": "close"}
             if key:
                 check_headers["Authorization"] = f"Bearer {key}"
-            heads[(name, "health")] = pool.request_head("GET", self.table.backends[name].health_path, check_headers)
+            health_path = self.table.backends[name].health_path
+            if health_path is not None:
+                heads[(name, "health")] = pool.request_head("GET", health_path, check_headers)
         self._heads = heads
 
     def reload_keys(self) -> bool:
@@ -331,6 +333,9 @@ class Router:
         conn = None
         try:
             async with asyncio.timeout(self.table.health.timeout):
+                if (state.name, "health") not in self._heads:  # no HTTP health path: connecting is the check
+                    await pool.probe()
+                    return True, ""
                 conn, resp = await pool.send(self._heads[(state.name, "health")], b"", fresh=True)
                 await resp.head()
                 await resp.read_all()

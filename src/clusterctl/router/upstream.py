@@ -445,6 +445,11 @@ class Pool:
         lines += [f"{k}: {v}" for k, v in headers.items()]
         return ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
+    async def probe(self) -> None:
+        """Open a new connection and close it: the health check of a backend with no HTTP
+        health path. Raises ConnectFailed."""
+        (await self._connect()).close()
+
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:

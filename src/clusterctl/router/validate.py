@@ -39,7 +39,7 @@ def problems(table: RouteTable, *, check_files: bool = True) -> list[str]:
             out.append(f"backends.{name}.url: {backend.url!r} is not an http(s) URL with a host")
         if parts.query or parts.fragment:
             out.append(f"backends.{name}.url: {backend.url!r} must not carry a query or fragment")
-        if not backend.health_path.startswith("/"):
+        if backend.health_path is not None and not backend.health_path.startswith("/"):
             out.append(f"backends.{name}.health_path: {backend.health_path!r} must start with '/'")
         if not backend.model:
             out.append(f"backends.{name}.model: empty")

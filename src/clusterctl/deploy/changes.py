@@ -6,88 +6,17 @@ mode match, every weight is verified in the node's manifest, every service is ac
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
-from typing import Literal
-
-from clusterctl.engines import LlamaBuild, VenvInstall, archive_name
-from clusterctl.facts import NodeFacts
-from clusterctl.render import RenderedFile
-
-Phase = Literal["acquire", "router", "services", "verify"]
-Kind = Literal["push-weight", "pull-weight", "verify-weight", "push-engine", "push-source", "pull-source",
-               "verify-source", "build-engine", "install-engine", "upload", "secret", "daemon-reload", "restart",
-               "start"]
-FETCH_KINDS = ("push-weight", "pull-weight", "push-source", "pull-source")
-PHASES: tuple[Phase, ...] = ("acquire", "router", "services", "verify")
-ROUTER = "router"
-
-
-@dataclass(frozen=True)
-class WeightFile:
-    path: str  # final path on the node
-    size: int
-    sha256: str | None  # expected; None = trust the size (no hash known)
-    local: str | None = None  # controller-side file to push
-    url: str | None = None  # URL the node pulls from
-    what: Literal["weight", "source"] = "weight"
-    hub: bool = False  # from the Hugging Face hub: the node sends the hub token (to no other host)
-
-
-@dataclass(frozen=True)
-class EngineFile:
-    path: str
-    local: str
-    sha256: str
-    size: int
-
-
-@dataclass(frozen=True)
-class SecretValue:
-    path: str
-    ref: str  # env:NAME / file:PATH, shown instead of the value
-    data: bytes = field(repr=False)
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
-
-
-@dataclass
-class Desired:
-    node: str
-    base: str
-    systemd: bool
-    files: list[RenderedFile] = field(default_factory=list)
-    secrets: list[SecretValue] = field(default_factory=list)
-    weights: list[WeightFile] = field(default_factory=list)
-    engines: list[EngineFile] = field(default_factory=list)
-    services: list[str] = field(default_factory=list)  # in start order (rpc workers first)
-    units: dict[str, str] = field(default_factory=dict)  # service -> unit name (systemd)
-    binaries: dict[str, str] = field(default_factory=dict)  # executable the services need -> what provides it
-    users: dict[str, list[str]] = field(default_factory=dict)  # executable -> the services that run it
-    builds: list[tuple[LlamaBuild, WeightFile]] = field(default_factory=list)  # with the source archive
-    venvs: list[VenvInstall] = field(default_factory=list)
-    commands: dict[str, list[str]] = field(default_factory=dict)  # step kind -> commands it runs ("a|b": either)
-
-    def all_paths(self) -> list[str]:
-        return [f.path for f in self.files] + [s.path for s in self.secrets] + [e.path for e in self.engines]
-
-
-@dataclass(frozen=True)
-class Step:
-    phase: Phase
-    node: str
-    kind: Kind
-    target: str  # a path or a service
-    reason: str
-    bytes: int = 0
-    service: str | None = None
-    sensitive: bool = False
-
-    def describe(self) -> str:
-        size = f" ({self.bytes / 1e9:.2f} GB)" if self.bytes >= 10**8 else ""
-        return f"{self.kind} {self.target}{size}: {self.reason}"
+from clusterctl.deploy.model import (
+    FETCH_KINDS,
+    ROUTER,
+    Desired,
+    Kind,
+    NodeFacts,
+    Phase,
+    Step,
+    WeightFile,
+)
+from clusterctl.engines.install import archive_name
 
 
 def _phase_of(service: str) -> Phase:

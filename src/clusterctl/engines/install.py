@@ -14,8 +14,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from clusterctl.engines import adapter
 from clusterctl.inventory import Inventory, LlamaCppBuild, Node, PythonEngine
-from clusterctl.launch import engine_dir, llama_bin
+from clusterctl.layout import engine_dir, llama_bin
 
 # llama.cpp's cmake targets for the binaries deploy installs; newer trees name the RPC
 # server ggml-rpc-server, older ones rpc-server (the build script takes whichever exists)
@@ -36,7 +37,7 @@ def llama_targets(inv: Inventory) -> dict[str, list[str]]:
     if inv.cluster.engines.llama_cpp_build is None:
         return out
     for svc in inv.services.values():
-        if svc.engine in ("llama-server", "rpc-server") and svc.binary is None and svc.container is None:
+        if adapter(svc.engine).installer == "llama.cpp" and svc.binary is None and svc.container is None:
             for n in svc.node_names:
                 if svc.engine not in out.setdefault(n, []):
                     out[n].append(svc.engine)
@@ -47,7 +48,7 @@ def pip_engines(inv: Inventory) -> dict[str, list[tuple[str, PythonEngine]]]:
     """node -> the pip-installed engines its services run (engine, how), each once."""
     out: dict[str, list[tuple[str, PythonEngine]]] = {}
     for svc in inv.services.values():
-        spec = inv.cluster.engines.python_engine(svc.engine)
+        spec = inv.cluster.engines.python_engine(svc.engine) if adapter(svc.engine).installer == "venv" else None
         if spec is None or svc.binary is not None or svc.container is not None:
             continue
         for n in svc.node_names:
@@ -132,13 +133,10 @@ class VenvInstall:
     binary: str  # the executable the services start, under `link`
 
 
-ENGINE_EXECUTABLES = {"vllm": "vllm", "mlx-lm": "mlx_lm.server", "exo": "exo"}
-
-
 def venv_install(node: Node, engine: str, spec: PythonEngine) -> VenvInstall:
     key = hashlib.sha256(json.dumps([spec.requirement, spec.python, spec.index_url or "",
                                      spec.find_links or ""]).encode()).hexdigest()[:16]
     link = f"{engine_dir(node)}/{engine}"
     return VenvInstall(engine=engine, requirement=spec.requirement, python=spec.python, index_url=spec.index_url,
                        find_links=spec.find_links, key=key, link=link, venv=f"{link}-{key}",
-                       binary=f"{link}/bin/{ENGINE_EXECUTABLES[engine]}")
+                       binary=f"{link}/bin/{adapter(engine).executable}")

@@ -1,6 +1,6 @@
-"""Read-only probes of a node: each is a command (argv) and a pure parser of its output.
+"""Read-only probes of a node: one script (scripts/probe.sh) and pure parsers of its output.
 
-Nothing here writes. `gather()` runs the probes a deploy needs over a Transport and returns
+Nothing here writes. `gather()` runs the probe a deploy needs over a Transport and returns
 `NodeFacts`; the parsers are plain functions so they are tested on captured output.
 """
 
@@ -9,40 +9,12 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import shlex
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 
+from clusterctl.deploy import shell
+from clusterctl.deploy.model import Gpu, NodeFacts
 from clusterctl.inventory import Node
 from clusterctl.transport import Transport
-
-MANIFEST = "state/manifest.json"  # under the node's base dir: verified weights and engines
-
-
-@dataclass(frozen=True)
-class Gpu:
-    name: str
-    memory: int  # bytes
-
-
-@dataclass
-class NodeFacts:
-    node: str
-    os: str = ""
-    arch: str = ""
-    gpus: list[Gpu] = field(default_factory=list)
-    memory_total: int = 0
-    disk_free: dict[str, int] = field(default_factory=dict)  # path -> bytes available
-    hashes: dict[str, str] = field(default_factory=dict)  # path -> sha256 of managed files present
-    modes: dict[str, int] = field(default_factory=dict)
-    units: dict[str, str] = field(default_factory=dict)  # unit -> active/inactive/failed/...
-    listeners: list[tuple[str, int, str]] = field(default_factory=list)  # (address, port, process)
-    manifest: dict[str, dict[str, object]] = field(default_factory=dict)  # path -> {sha256, size}
-    sizes: dict[str, int] = field(default_factory=dict)  # path -> size (weights, .part files)
-    has_systemd: bool = False
-    executables: set[str] = field(default_factory=set)  # of the binaries asked about, those present
-    commands: set[str] = field(default_factory=set)  # of the commands asked about, those on PATH
-
 
 # -- parsers (pure) ------------------------------------------------------------------------
 
@@ -87,18 +59,12 @@ def parse_meminfo(text: str) -> int:
 
 
 def parse_df(text: str) -> int:
-    """`df -B1 --output=avail PATH`: header then the number."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    """`df -Pk PATH` (POSIX, GNU and BSD alike): bytes available, the 4th column of the last line."""
+    lines = [line.split() for line in text.strip().splitlines() if line.strip()]
     try:
-        return int(lines[-1])
+        return int(lines[-1][3]) * 1024
     except (IndexError, ValueError):
         return 0
-
-
-# sha256 of files on a node, `HASH *PATH` per line: OpenSSL where the node has it (it uses the
-# CPU's SHA extensions: 3.3x coreutils' sha256sum on the test machine), else sha256sum
-SHA256_SCRIPT = ('if command -v openssl >/dev/null 2>&1; then for f; do openssl dgst -sha256 -r "$f" || exit 1; '
-                 'done; else sha256sum -b -- "$@"; fi')
 
 
 def parse_sha256sum(text: str) -> dict[str, str]:
@@ -127,7 +93,10 @@ def parse_is_active(units: Sequence[str], text: str) -> dict[str, str]:
 
 
 def parse_listeners(text: str) -> list[tuple[str, int, str]]:
-    """`ss -ltnpH`: (local address, port, process name) of every listening socket."""
+    """`ss -ltnpH`, or `lsof -nP -iTCP -sTCP:LISTEN` after a `#lsof` line (macOS): (local
+    address, port, process name) of every listening socket."""
+    if text.startswith("#lsof"):
+        return parse_lsof(text)
     out = []
     for line in text.splitlines():
         cols = line.split()
@@ -138,6 +107,19 @@ def parse_listeners(text: str) -> list[tuple[str, int, str]]:
             continue
         proc = re.search(r'users:\(\("([^"]+)"', line)
         out.append((m.group(1), int(m.group(2)), proc.group(1) if proc else ""))
+    return out
+
+
+def parse_lsof(text: str) -> list[tuple[str, int, str]]:
+    """`lsof -nP -iTCP -sTCP:LISTEN` rows: COMMAND PID USER FD TYPE DEVICE SIZE/OFF NODE NAME (LISTEN)."""
+    out = []
+    for line in text.splitlines():
+        cols = line.split()
+        if len(cols) < 10 or cols[-1] != "(LISTEN)":
+            continue
+        m = re.match(r"^\[?(.*?)\]?:(\d+)$", cols[-2])
+        if m:
+            out.append((m.group(1), int(m.group(2)), cols[0]))
     return out
 
 
@@ -189,79 +171,52 @@ def gpu_drift(node: Node, gpus: list[Gpu]) -> str | None:
 
 # -- gathering (I/O through the transport) --------------------------------------------------
 
-def gather(t: Transport, *, base: str, files: Iterable[str], units: Iterable[str], weights: Iterable[str],
-           dirs: Iterable[str], systemd: bool, binaries: Iterable[str] = (),
+SECTIONS = ("uname", "memory", "nvidia", "stat", "sha", "wstat", "manager", "states", "listeners", "manifest",
+            "found")
+
+
+def probe_argv(*, marker: str, base: str, manager: str, files: Sequence[str], weights: Sequence[str],
+               dirs: Sequence[str], handles: Sequence[str], binaries: Sequence[str],
+               commands: Sequence[str]) -> list[str]:
+    """The one read-only command that gathers every fact (scripts/probe.sh)."""
+    return shell.argv("probe", shell.text("sha256"), marker, base, manager, *files, "--", *weights, "--",
+                        *dirs, "--", *handles, "--", *binaries, "--", *commands)
+
+
+def gather(t: Transport, *, base: str, files: Iterable[str], handles: Iterable[str], weights: Iterable[str],
+           dirs: Iterable[str], manager: str, binaries: Iterable[str] = (),
            commands: Iterable[str] = ()) -> NodeFacts:
     """Every probe in one command (one round trip per node), its output cut into sections
     that the pure parsers above read."""
-    files = sorted(set(files))
-    weights = sorted(set(weights))
-    units = sorted(set(units))
-    binaries = sorted(set(binaries))
-    commands = sorted(set(commands))
-    unit_files = [u for u in units if u.endswith(".service")]
-    controls = [u for u in units if u.endswith("-ctl.sh")]
     marker = f"@@clusterctl-{secrets.token_hex(6)}@@"
+    dirs = sorted(set(dirs))
+    units = sorted(set(handles))
+    argv = probe_argv(marker=marker, base=base, manager=manager, files=sorted(set(files)),
+                      weights=sorted(set(weights)), dirs=dirs, handles=units, binaries=sorted(set(binaries)),
+                      commands=sorted(set(commands)))
+    return parse_probe(t.host, t.run(argv, timeout=300).out, marker, dirs=dirs, handles=units)
 
-    def words(items: Iterable[str]) -> str:
-        return " ".join(shlex.quote(i) for i in items)
 
-    def section(name: str, body: str) -> str:
-        return f"echo {marker}{name}\n{body}\n"
-
-    script = section("uname", "uname -sm")
-    script += section("linux", 'if [ "$(uname -s)" = Linux ]; then cat /proc/meminfo; echo ' + marker + "nvidia; "
-                      "command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total "
-                      "--format=csv,noheader,nounits; fi")
-    if files:
-        script += section("stat", f"stat -c '%s %a %n' -- {words(files)} 2>/dev/null")
-        script += section("sha", f'set --; for f in {words(files)}; do [ -f "$f" ] && set -- "$@" "$f"; done; '
-                          f'[ $# = 0 ] || sh -c {shlex.quote(SHA256_SCRIPT)} sh "$@"')
-    if weights:
-        script += section("wstat", f"stat -c '%s %a %n' -- {words([*weights, *(w + '.part' for w in weights)])}"
-                          " 2>/dev/null")
-    for i, d in enumerate(sorted(set(dirs))):
-        script += section(f"df{i}", f'd={shlex.quote(d)}; while [ ! -d "$d" ]; do d=$(dirname "$d"); done; '
-                          'df -B1 --output=avail "$d"')
-    if systemd:
-        script += section("systemctl", "command -v systemctl")
-        if unit_files:
-            script += section("active", f"command -v systemctl >/dev/null && systemctl is-active -- "
-                              f"{words(unit_files)}")
-    if controls:
-        # direct manager: each control script's `status` exits 0 when its process runs
-        script += section("controls", f'for c in {words(controls)}; do if [ -x "$c" ] && "$c" status >/dev/null '
-                          "2>&1; then echo active; else echo inactive; fi; done")
-    script += section("ss", "command -v ss >/dev/null && ss -ltnpH")
-    script += section("manifest", f"cat -- {shlex.quote(f'{base}/{MANIFEST}')} 2>/dev/null")
-    if binaries or commands:
-        script += section("found", f'for f in {words([*binaries, "--", *commands])}; do if [ "$f" = "--" ]; then '
-                          'echo "--"; elif [ -x "$f" ] || command -v "$f" >/dev/null 2>&1; then echo "$f"; fi; done')
-    script += "true\n"
-    out = parse_sections(t.run(["sh", "-c", script], timeout=300).out, marker)
-
-    facts = NodeFacts(node=t.host)
+def parse_probe(node: str, text: str, marker: str, *, dirs: Sequence[str], handles: Sequence[str]) -> NodeFacts:
+    out = parse_sections(text, marker)
+    facts = NodeFacts(node=node)
     facts.os, facts.arch = parse_uname(out.get("uname", ""))
-    if facts.os == "linux":
-        facts.memory_total = parse_meminfo(out.get("linux", ""))
-        facts.gpus = parse_nvidia_smi(out.get("nvidia", ""))
-    if files:
-        _, facts.modes = parse_stat(out.get("stat", ""))
-        facts.hashes = parse_sha256sum(out.get("sha", ""))
-    if weights:
-        facts.sizes, _ = parse_stat(out.get("wstat", ""))
-    for i, d in enumerate(sorted(set(dirs))):
+    facts.memory_total = parse_meminfo(out.get("memory", ""))
+    facts.gpus = parse_nvidia_smi(out.get("nvidia", ""))
+    _, facts.modes = parse_stat(out.get("stat", ""))
+    facts.hashes = parse_sha256sum(out.get("sha", ""))
+    facts.sizes, _ = parse_stat(out.get("wstat", ""))
+    for i, d in enumerate(dirs):
         facts.disk_free[d] = parse_df(out.get(f"df{i}", ""))
-    facts.has_systemd = systemd and bool(out.get("systemctl", "").strip())
-    if unit_files and facts.has_systemd:
-        facts.units = parse_is_active(unit_files, out.get("active", ""))
-    if controls:
-        facts.units.update(parse_is_active(controls, out.get("controls", "")))
-    facts.listeners = parse_listeners(out.get("ss", ""))
+    manager = out.get("manager", "").strip()
+    facts.has_manager = bool(manager)
+    facts.has_systemd = manager.endswith("systemctl")
+    if facts.has_manager:
+        facts.units = parse_is_active(list(handles), out.get("states", ""))
+    facts.listeners = parse_listeners(out.get("listeners", ""))
     manifest = out.get("manifest", "")
     facts.manifest = parse_manifest(manifest.encode() if manifest.strip() else None)
-    if binaries or commands:
-        facts.executables, facts.commands = parse_found(out.get("found", "") + "\n")
+    facts.executables, facts.commands = parse_found(out.get("found", "") + "\n")
     return facts
 
 

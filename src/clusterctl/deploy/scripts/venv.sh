@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs a pip engine into its own venv and switches the folder the services run from (a
+# symlink) to it only once pip succeeded: $1 python, $2 venv, $3 link, $4 requirement,
+# $5 index URL, $6 find-links, $7 the executable it must provide. The previous venv is kept
+# (one back), older ones removed.
+# Exit codes: 3 no venv, 4 pip failed, 5 no such executable, 6 the link is not a symlink.
+set -euo pipefail
+python=$1 venv=$2 link=$3 req=$4 index=$5 links=$6 exe=$7
+name=$(basename "$venv")
+if [ -e "$link" ] && [ ! -L "$link" ]; then exit 6; fi
+prev=$(readlink "$link" 2>/dev/null || true)
+if [ "$prev" = "$name" ] && [ -x "$venv/bin/$exe" ]; then exit 0; fi
+mkdir -p "$(dirname "$venv")"
+rm -rf "$venv"
+if ! "$python" -m venv "$venv" >"$venv.log" 2>&1; then tail -n 20 "$venv.log" >&2; rm -rf "$venv"; exit 3; fi
+args=(--disable-pip-version-check --no-input)
+if [ -n "$index" ]; then args+=(--index-url "$index"); elif [ -n "$links" ]; then args+=(--no-index); fi
+if [ -n "$links" ]; then args+=(--find-links "$links"); fi
+if ! "$venv/bin/python" -m pip install "${args[@]}" "$req" >>"$venv.log" 2>&1; then
+  tail -n 30 "$venv.log" >&2; rm -rf "$venv"; exit 4
+fi
+if [ ! -x "$venv/bin/$exe" ]; then rm -rf "$venv"; exit 5; fi
+ln -sfn "$name" "$link.new"
+mv -fT "$link.new" "$link"
+for old in "$link"-*/; do
+  old=${old%/}
+  case $(basename "$old") in "$name"|"$prev") ;; *) rm -rf "$old" "$old.log";; esac
+done

@@ -1,0 +1,56 @@
+"""llama.cpp's llama-server: OpenAI API, /health, built on the node from the pinned source."""
+
+from __future__ import annotations
+
+from clusterctl.engines.base import Adapter, LaunchContext, LaunchSpec, SecretFile, secret_file
+from clusterctl.inventory import Node, Service
+from clusterctl.layout import llama_bin, model_path, rpc_endpoint
+
+
+class LlamaServer(Adapter):
+    name = "llama-server"
+    provider = "llama.cpp"
+    installer = "llama.cpp"
+    memory_model = "llama.cpp"
+
+    def launch(self, ctx: LaunchContext, name: str, svc: Service, node: Node) -> LaunchSpec:
+        inv = ctx.inv
+        assert svc.model is not None
+        argv: list[str] = [svc.binary or llama_bin(node, "llama-server"),
+                           "--model", model_path(inv, node, svc.model),
+                           "--alias", name,
+                           "--host", svc.bind, "--port", str(svc.default_port)]
+        n_ctx = ctx.context(name, svc)
+        if n_ctx is not None:
+            argv += ["--ctx-size", str(n_ctx)]
+        argv += ["--parallel", str(svc.parallel),
+                 "--n-gpu-layers", "999" if svc.gpu_layers == "all" else str(svc.gpu_layers),
+                 "--batch-size", str(svc.batch), "--ubatch-size", str(svc.ubatch),
+                 "--cache-type-k", svc.cache_type_k, "--cache-type-v", svc.cache_type_v,
+                 "--flash-attn", "auto" if svc.flash_attn is None else ("on" if svc.flash_attn else "off"),
+                 "--fit", "off"]
+        if svc.threads:
+            argv += ["--threads", str(svc.threads)]
+        if svc.tensor_split:
+            argv += ["--tensor-split", ",".join(f"{x:g}" for x in svc.tensor_split)]
+        remote: list[str] = []
+        if svc.rpc_workers:
+            endpoints = []
+            for w in svc.rpc_workers:
+                host, port = rpc_endpoint(inv, w)
+                endpoints.append(f"{host}:{port}")
+                remote.append(w)
+            argv += ["--rpc", ",".join(endpoints)]
+        if svc.metrics:
+            argv.append("--metrics")
+        secrets: list[SecretFile] = []
+        key = secret_file(name, svc.api_key, None)
+        if key is not None:
+            argv += ["--api-key-file", key.path]
+            secrets.append(key)
+        argv += svc.extra_args
+        return self.spec(ctx, name, svc, node, argv, secrets=tuple(secrets), remote_after=tuple(remote),
+                         metrics_path="/metrics" if svc.metrics else None)
+
+
+ADAPTER = LlamaServer()
