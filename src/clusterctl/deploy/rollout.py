@@ -122,10 +122,11 @@ class NodeRun:
         steps = [s for s in self.result.steps if s.phase == phase]
         if phase == "services" and services_wave is not None:
             rpc = {n for n, spec in self.specs.items() if spec.engine == "rpc-server"}
-            if services_wave == "workers":
-                steps = [s for s in steps if s.service in rpc or s.kind == "daemon-reload"]
-            else:
-                steps = [s for s in steps if s not in self.result.done]
+            wave = [s for s in steps if (s.service in rpc if services_wave == "workers" else s not in self.result.done)
+                    and s.kind != "daemon-reload"]
+            # the manager re-reads unit files after this wave's uploads, before its restarts
+            units = any(s.kind == "upload" and s.target.endswith((".service", ".plist")) for s in wave)
+            steps = wave + [s for s in steps if s.kind == "daemon-reload" and units]
         if not steps:
             return
         if phase == "acquire":
