@@ -217,7 +217,8 @@ class FakeNode:
         if archive not in self.files:
             return 1, "", f"tar: {archive}: Cannot open: No such file or directory\n"
         if self.build_rc:
-            return self.build_rc, "", "CMake Error at CMakeLists.txt:1 (project):\n  No CMAKE_CXX_COMPILER could be found.\n"
+            return self.build_rc, "", ("CMake Error at CMakeLists.txt:1 (project):\n"
+                                       "  No CMAKE_CXX_COMPILER could be found.\n")
         out = ""
         for n in names:
             data = f"llama.cpp {n} {' '.join(flags)}".encode()
@@ -359,10 +360,9 @@ class FakeNode:
     def _journalctl(self, a: tuple[str, ...], stdin: bytes | None) -> tuple[int, str, str]:
         svc = self._by_handle(a[a.index("-u") + 1])
         n = int(a[a.index("-n") + 1])
+        lines = svc.log if svc else []
         if "-p" in a:  # errors only
-            lines = [line for line in (svc.log if svc else []) if "error" in line]
-        else:
-            lines = svc.log if svc else []
+            lines = [line for line in lines if "error" in line]
         return 0, "".join(line + "\n" for line in lines[-n:]), ""
 
     def _launchctl(self, a: tuple[str, ...], stdin: bytes | None) -> tuple[int, str, str]:
