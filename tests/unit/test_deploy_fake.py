@@ -327,7 +327,8 @@ def test_a_missing_engine_and_missing_gpu_are_refused(tmp_path: Path) -> None:
     assert run(inv, {"n1": n1}).nodes["n1"].failed == (
         "n1: engine(s) missing: /usr/bin/python3 (the custom command for web) (install them on the node, set the "
         "service's `binary`, or set cluster.engines.llama_cpp to push a llama.cpp build)")
-    gpu = write_inventory(tmp_path, WEB, nodes="  n1: {address: 10.0.0.1, accelerators: [{kind: cuda, memory: 24GiB}]}\n")
+    gpu = write_inventory(tmp_path, WEB,
+                          nodes="  n1: {address: 10.0.0.1, accelerators: [{kind: cuda, memory: 24GiB}]}\n")
     n1 = node()
     n1.service("web", 8081)
     assert run(gpu, {"n1": n1}).nodes["n1"].failed == (
