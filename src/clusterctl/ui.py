@@ -271,6 +271,8 @@ def deploy_recap(result: DeployResult) -> None:
             for st in r.steps:
                 target = "(sensitive)" if st.sensitive else st.target
                 out.print(f"  {st.phase:<9} {st.kind:<13} {escape(target)}  [dim]{escape(st.reason)}[/]")
+                for command in st.commands:
+                    out.print(f"      [dim]$ {escape(command)}[/]")
                 if r.diffs.get(st.target):
                     out.print(escape(r.diffs[st.target]), end="")
         if r.failed:

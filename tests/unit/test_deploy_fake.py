@@ -555,3 +555,21 @@ def test_the_deploy_lock_refuses_a_second_holder(tmp_path: Path) -> None:
         with pytest.raises(LockedError, match=r"another deploy of c\.yaml is running: pid \d+"), \
                 cluster_lock(inventory):
             pass
+
+
+def test_the_dry_run_recap_prints_each_step_with_its_commands(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from clusterctl import ui
+
+    inv = write_inventory(tmp_path, WEB)
+    n1 = node()
+    n1.service("web", 8081)
+    ui.deploy_recap(run(inv, {"n1": n1}, dry_run=True))
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index("  services  restart       web  /etc/systemd/system/clusterctl-web.service new")
+    assert lines[at + 1:at + 5] == [
+        "      $ systemctl enable -- clusterctl-web.service",
+        "      $ systemctl reset-failed -- clusterctl-web.service",
+        "      $ systemctl restart -- clusterctl-web.service",
+        "      $ curl -s -o /dev/null -w '%{http_code}' --max-time 5 http://127.0.0.1:8081/health"]
+    assert lines[-1].startswith("1 node(s), 4 step(s), 0 failed, ")
