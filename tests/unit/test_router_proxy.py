@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -335,6 +336,25 @@ def test_active_ejection_cooldown_and_recovery_after_passing_checks(make_router:
     assert up["a"].stats()["health_checks"] - turned >= 3
     assert httpx.post(f"{r.url}{CHAT}", json=chat(model="chat")).headers["X-Clusterctl-Backend"] == "a"
     assert [e["event"] for e in r.log.events() if e.get("backend") == "a"] == ["backend_ejected", "backend_recovered"]
+
+
+def test_a_backend_without_health_path_is_checked_by_connecting(make_router: MakeRouter,
+                                                                 up: dict[str, Upstream]) -> None:
+    """A custom command with no HTTP health path: the active check is a TCP connect, never a GET."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    gone = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()  # nothing listens there now
+    r = make_router(backends={"a": {"url": up["a"].url, "health_path": None}, "b": {"url": gone, "health_path": None}},
+                    routes={"chat": ["b", "a"]},
+                    health={"interval": 0.1, "failures": 1, "cooldown": 30.0, "recoveries": 1})
+    up["a"].set(health=503)  # would eject an HTTP-checked backend
+    wait_for(lambda: not backend_up(r, "b"), what="b ejected")
+    time.sleep(0.5)
+    assert backend_up(r, "a") and up["a"].stats()["health_checks"] == 0
+    assert httpx.post(f"{r.url}{CHAT}", json=chat(model="chat")).headers["X-Clusterctl-Backend"] == "a"
+    reason = next(e["reason"] for e in r.log.events() if e.get("event") == "backend_ejected")
+    assert reason == "health connect"
 
 
 def test_queue_times_out_with_503_naming_the_route(make_router: MakeRouter, up: dict[str, Upstream]) -> None:
