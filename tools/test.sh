@@ -2,7 +2,9 @@
 # Sets up a fresh machine and runs the whole test suite:
 #   Debian packages (compilers, cmake, nginx, wrk), the project with its test extras,
 #   the real llama.cpp build and the real Gemma 3 270M model (both cached under
-#   ~/.cache/clusterctl), then ruff, mypy and pytest.
+#   ~/.cache/clusterctl), then ruff, mypy and pytest: all tests, the `real` ones too (a plain
+#   `python -m pytest` deselects those: pyproject.toml). Arguments go to pytest; a -m among
+#   them replaces the one here (`tools/test.sh -m real tests/e2e`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,4 +26,4 @@ export CLUSTERCTL_LLAMA_BIN CLUSTERCTL_TEST_MODEL CLUSTERCTL_LLAMA_SOURCE CLUSTE
 
 ruff check .
 mypy
-python3 -m pytest "$@"
+python3 -m pytest -m "real or not real" "$@"

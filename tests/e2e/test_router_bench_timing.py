@@ -17,7 +17,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import router_bench as rb  # noqa: E402
 
-pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (tools/test.sh installs it)")
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (tools/test.sh installs it)"),
+]
 
 CONNECTIONS = 4
 CHUNKS = 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from clusterctl.cli import app
@@ -14,6 +15,7 @@ from tests import assets
 runner = CliRunner()
 
 
+@pytest.mark.real
 def test_inspect_json_real_model() -> None:
     result = runner.invoke(app, ["inspect", str(assets.test_model_path()), "--json"])
     assert result.exit_code == 0, result.output
@@ -22,6 +24,7 @@ def test_inspect_json_real_model() -> None:
     assert meta["swa_layers"].count(False) == 3 and meta["sliding_window"] == 512
 
 
+@pytest.mark.real
 def test_estimate_json_matches_llama_cpp_kv(tmp_path: Path) -> None:
     """-c 8192 -np 4 (non-unified): 4 streams of 2048 cells; KV 84.00 MiB as llama.cpp prints."""
     result = runner.invoke(app, ["estimate", str(assets.test_model_path()), "--ctx", "8192", "-np", "4", "--json"])
@@ -37,6 +40,7 @@ def test_estimate_json_matches_llama_cpp_kv(tmp_path: Path) -> None:
     assert json.loads(again.stdout)["devices"] == data["devices"]
 
 
+@pytest.mark.real
 def test_estimate_does_not_fit_exit_code() -> None:
     result = runner.invoke(app, ["estimate", str(assets.test_model_path()), "--ctx", "32768",
                                  "--devices", "100MiB,100MiB", "--json"])
@@ -45,6 +49,7 @@ def test_estimate_does_not_fit_exit_code() -> None:
     assert data["fits"] is False and data["devices"]["dev1"]["output"] is True
 
 
+@pytest.mark.real
 def test_estimate_bad_cache_type_and_bad_size() -> None:
     bad = runner.invoke(app, ["estimate", str(assets.test_model_path()), "-ctk", "q3_x"])
     assert bad.exit_code == ExitCode.USAGE

@@ -337,6 +337,7 @@ def hub(hub_server: NginxServer, monkeypatch: pytest.MonkeyPatch) -> NginxServer
     return hub_server
 
 
+@pytest.mark.real
 @pytest.mark.parametrize("repo", ["acme/tiny-llama", "acme/tiny-single"])
 def test_hub_repo_equals_local(hub: NginxServer, repo: str) -> None:
     local = read_local_hf_dir(hub.root / repo / "resolve" / "main")
@@ -345,6 +346,7 @@ def test_hub_repo_equals_local(hub: NginxServer, repo: str) -> None:
     assert remote.source == f"hf://{repo}" and remote.revision == COMMIT
 
 
+@pytest.mark.real
 def test_hub_without_shard_headers(hub: NginxServer) -> None:
     m = read_hf_config("hf://acme/tiny-llama", max_shard_headers=0)
     assert m.tensor_bytes.total == 0
@@ -352,6 +354,7 @@ def test_hub_without_shard_headers(hub: NginxServer) -> None:
     assert m.files == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
 
 
+@pytest.mark.real
 def test_hub_errors(hub: NginxServer) -> None:
     with pytest.raises(MetadataError, match=r"config\.json not found"):
         read_hf_config("hf://acme/nothing-here")

@@ -131,6 +131,7 @@ def test_hf_endpoint_read_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None:
 # against nginx
 
 
+@pytest.mark.real
 def test_split_model_over_http(hub: NginxServer, tree: Path) -> None:
     meta = read_remote(f"hf://{TINY_REPO}/Q8_0/tiny-00001-of-00003.gguf")
     local = read_local(tree / TINY_REPO / "resolve/main/Q8_0/tiny-00001-of-00003.gguf")
@@ -144,6 +145,7 @@ def test_split_model_over_http(hub: NginxServer, tree: Path) -> None:
     assert meta.header_bytes_read == sum(e.body_bytes_sent for e in log)
 
 
+@pytest.mark.real
 def test_any_part_and_plain_url(hub: NginxServer, tree: Path) -> None:
     url = f"{hub.url}/{TINY_REPO}/resolve/v1.0/Q8_0/tiny-00002-of-00003.gguf"
     meta = read_remote(url)
@@ -152,6 +154,7 @@ def test_any_part_and_plain_url(hub: NginxServer, tree: Path) -> None:
     assert meta.source == url
 
 
+@pytest.mark.real
 def test_single_file_revision_and_redirect(hub: NginxServer, tree: Path) -> None:
     local = read_local(tree / TINY_REPO / "resolve/main/tiny.gguf")
     meta = read_remote(f"hf://{TINY_REPO}@v1.0/tiny.gguf", endpoint=f"{hub.url}/redirect")
@@ -160,6 +163,7 @@ def test_single_file_revision_and_redirect(hub: NginxServer, tree: Path) -> None
     assert 302 in [e.status for e in hub.access_log()]
 
 
+@pytest.mark.real
 def test_token_is_a_header_only(hub: NginxServer) -> None:
     read_remote(f"hf://{TINY_REPO}/tiny.gguf", token="hf_secret_value")
     log = hub.access_log()
@@ -167,12 +171,14 @@ def test_token_is_a_header_only(hub: NginxServer) -> None:
     assert not any("secret" in e.uri for e in log)
 
 
+@pytest.mark.real
 def test_token_from_environment(hub: NginxServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")
     read_remote(f"hf://{TINY_REPO}/tiny.gguf")
     assert {e.authorization for e in hub.access_log()} == {"Bearer hf_from_env"}
 
 
+@pytest.mark.real
 def test_not_found(hub: NginxServer) -> None:
     with pytest.raises(MetadataError, match=r"not found \(HTTP 404") as info:
         read_remote(f"hf://{TINY_REPO}/missing.gguf")
@@ -181,6 +187,7 @@ def test_not_found(hub: NginxServer) -> None:
         read_remote(f"hf://{TINY_REPO}@no-such-rev/tiny.gguf")
 
 
+@pytest.mark.real
 def test_missing_split_part(hub: NginxServer, tree: Path) -> None:
     target = tree / TINY_REPO / "resolve/main/Q8_0/tiny-00003-of-00003.gguf"
     saved = target.readlink()
@@ -192,18 +199,21 @@ def test_missing_split_part(hub: NginxServer, tree: Path) -> None:
         target.symlink_to(saved)
 
 
+@pytest.mark.real
 def test_unauthorized(hub: NginxServer) -> None:
     with pytest.raises(MetadataError, match=r"access denied \(HTTP 401\)") as info:
         read_remote("hf://private/repo/model.gguf")
     assert info.value.hint is not None and "HF_TOKEN" in info.value.hint
 
 
+@pytest.mark.real
 def test_gated(hub: NginxServer) -> None:
     with pytest.raises(MetadataError, match=r"HTTP 403 \(GatedRepo\)") as info:
         read_remote("hf://gated/repo/model.gguf", token="hf_no_access")
     assert info.value.hint is not None and "licence" in info.value.hint
 
 
+@pytest.mark.real
 def test_truncated_remote_file(hub: NginxServer) -> None:
     with pytest.raises(MetadataError, match="ends inside its header"):
         read_remote(f"hf://{TINY_REPO}/truncated.gguf")
@@ -215,6 +225,7 @@ def test_connection_refused() -> None:
         read_remote("hf://org/repo/m.gguf", endpoint=f"http://127.0.0.1:{port}")
 
 
+@pytest.mark.real
 def test_server_ignoring_range_split(hub: NginxServer, tree: Path) -> None:
     meta = read_remote(f"hf://{TINY_REPO}/Q8_0/tiny-00001-of-00003.gguf", endpoint=f"{hub.url}/norange")
     local = read_local(tree / TINY_REPO / "resolve/main/Q8_0/tiny-00001-of-00003.gguf")
@@ -224,6 +235,7 @@ def test_server_ignoring_range_split(hub: NginxServer, tree: Path) -> None:
     assert 200 in wait_for_log(hub, 200)
 
 
+@pytest.mark.real
 def test_passed_client_is_left_open(hub: NginxServer) -> None:
     with httpx.Client() as client:
         read_remote(f"hf://{TINY_REPO}/tiny.gguf", client=client)
@@ -231,6 +243,7 @@ def test_passed_client_is_left_open(hub: NginxServer) -> None:
         read_remote(f"hf://{TINY_REPO}/tiny.gguf", client=client)
 
 
+@pytest.mark.real
 def test_range_reader_counts_body_bytes(hub: NginxServer) -> None:
     url = f"{hub.url}/{TINY_REPO}/resolve/main/tiny.gguf"
     with HttpRangeReader(url) as reader:

@@ -87,6 +87,7 @@ def all_files() -> list[tuple[str, Rendered]]:
     return [(name, rendered(name)) for name in EXAMPLES]
 
 
+@pytest.mark.real
 def test_every_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     """Each unit, with ExecStart pointed at its rendered script, verifies cleanly."""
     checked = 0
@@ -114,6 +115,7 @@ def test_every_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> Non
     assert checked >= 20
 
 
+@pytest.mark.real
 def test_every_script_passes_bash_n_and_shellcheck(tmp_path: Path) -> None:
     scripts = []
     for name, result in all_files():
@@ -129,6 +131,7 @@ def test_every_script_passes_bash_n_and_shellcheck(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout
 
 
+@pytest.mark.real
 def test_prometheus_configs_pass_promtool(tmp_path: Path) -> None:
     configs = 0
     for name, result in all_files():
@@ -154,6 +157,7 @@ def test_launchd_plists_parse_and_run_the_script() -> None:
         assert any(g.path == script and g.node == f.node for g in result.files)
 
 
+@pytest.mark.real
 def test_flags_are_known_to_the_real_binaries(tmp_path: Path) -> None:
     """Every option rendered for llama-server / rpc-server appears in the real binary's --help."""
     bins = assets.llama_bin_dir()

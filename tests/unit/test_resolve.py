@@ -20,6 +20,8 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TOKEN = "hf_canary_Zq8mWv1Xr4"
 runner = CliRunner()
 
+pytestmark = pytest.mark.real  # the real model, served by nginx
+
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxServer]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path

@@ -144,6 +144,7 @@ def test_script_starts_with_a_shebang(name: str) -> None:
     dialect(first)
 
 
+@pytest.mark.real
 @pytest.mark.parametrize("name", PARAMS)
 def test_script_passes_shellcheck(name: str) -> None:
     assert name, NONE_FOUND
@@ -171,6 +172,7 @@ def write_script(folder: Path, name: str, text: str) -> Path:
     return path
 
 
+@pytest.mark.real
 def test_shellcheck_catches_an_unquoted_dollar_at(tmp_path: Path) -> None:
     bad = write_script(tmp_path, "bad.sh", """\
         #!/bin/sh
@@ -189,6 +191,7 @@ def test_shellcheck_catches_an_unquoted_dollar_at(tmp_path: Path) -> None:
     assert shellcheck_problems(good) == ""
 
 
+@pytest.mark.real
 def test_the_dialect_comes_from_the_shebang(tmp_path: Path) -> None:
     body = 'if [[ -n "${1:-}" ]]; then\n  echo yes\nfi\n'
     assert shellcheck_problems(write_script(tmp_path, "b.sh", "#!/usr/bin/env bash\n" + body)) == ""
@@ -197,6 +200,7 @@ def test_the_dialect_comes_from_the_shebang(tmp_path: Path) -> None:
     assert "no shebang line" in shellcheck_problems(write_script(tmp_path, "n.sh", body))
 
 
+@pytest.mark.real
 def test_shellcheck_follows_a_sourced_file_next_to_the_script(tmp_path: Path) -> None:
     write_script(tmp_path, "lib.sh", "#!/bin/sh\n# shellcheck shell=sh\ngreeting=hello\n")
     main = write_script(tmp_path, "main.sh", '#!/bin/sh\n# shellcheck source=lib.sh\n. ./lib.sh\necho "$greeting"\n')
