@@ -144,6 +144,12 @@ class FakeNode:
         if a[:2] == ("sh", "-c") and a[2].startswith("ss -ltnH 'sport = :"):
             port = int(a[2].split(":")[1].rstrip("'"))
             return 0, "".join(f"LISTEN 0 128 {h}:{p} 0.0.0.0:*\n" for h, p, _ in self._listeners() if p == port), ""
+        if a[0] == "lsof" and self.os == "macos":
+            port = int(a[2].removeprefix("-iTCP:"))
+            rows = [f"{proc} 123 root 5u IPv4 0x1 0t0 TCP {h}:{p} (LISTEN)" for h, p, proc in self._listeners()
+                    if p == port]
+            head = "COMMAND PID USER FD TYPE DEVICE SIZE/OFF NODE NAME"
+            return (0, "\n".join([head, *rows]) + "\n", "") if rows else (1, "", "")
         handler: Callable[[tuple[str, ...], bytes | None], tuple[int, str, str]] | None = {
             "mkdir": self._mkdir, "mv": self._mv, "rm": self._rm, "wc": self._wc, "curl": self._curl,
             "systemctl": self._systemctl, "journalctl": self._journalctl, "launchctl": self._launchctl,

@@ -135,8 +135,8 @@ def _point(service: str, c: int, tokens: int, samples: list[Sample], errors: int
 def bench(inv: Inventory, connect: Callable[[str], Transport], *, services: Sequence[str] | None = None,
           concurrency: Sequence[int] = (1, 4), prompt_tokens: Sequence[int] = (16, 512), max_tokens: int = 64,
           rounds: int = 1) -> BenchResult:
-    specs = [s for s in launch_specs(inv) if s.engine in ("llama-server", "vllm", "ollama", "mlx-lm", "exo")
-             and (not services or s.service in services)]
+    # the engines whose OpenAI API clusterctl knows (their adapters say so)
+    specs = [s for s in launch_specs(inv) if s.chat and s.identity and (not services or s.service in services)]
     result = BenchResult()
     for spec in specs:
         t = connect(spec.node)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from clusterctl import sanity
 from clusterctl.deploy import ops
+from clusterctl.deploy.facts import parse_lsof
 from clusterctl.engines import LaunchSpec, launch_specs
 from clusterctl.http import Http, http
 from clusterctl.inventory import Inventory
@@ -91,9 +92,13 @@ def check_service(inv: Inventory, t: Transport, spec: LaunchSpec, baselines: dic
     host = local_host(spec.bind)
     base = f"http://{host}:{spec.port}"
     # listeners: only where the inventory says
-    ss = t.run(["sh", "-c", f"ss -ltnH 'sport = :{int(spec.port)}'"], timeout=30)
-    addresses = sorted({line.split()[3].rsplit(":", 1)[0].strip("[]") for line in ss.out.splitlines()
-                        if len(line.split()) >= 4})
+    if inv.nodes[node].os == "macos":  # BSD: no ss
+        lsof = t.run(["lsof", "-nP", f"-iTCP:{int(spec.port)}", "-sTCP:LISTEN"], timeout=30)
+        addresses = sorted({a for a, _, _ in parse_lsof(lsof.out)})
+    else:
+        ss = t.run(["sh", "-c", f"ss -ltnH 'sport = :{int(spec.port)}'"], timeout=30)
+        addresses = sorted({line.split()[3].rsplit(":", 1)[0].strip("[]") for line in ss.out.splitlines()
+                            if len(line.split()) >= 4})
     if not addresses:
         out.append(Check(node, name, "listening", "fail", f"nothing listens on port {spec.port}"))
         return out, measured

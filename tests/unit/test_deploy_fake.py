@@ -573,3 +573,16 @@ def test_the_dry_run_recap_prints_each_step_with_its_commands(tmp_path: Path,
         "      $ systemctl restart -- clusterctl-web.service",
         "      $ curl -s -o /dev/null -w '%{http_code}' --max-time 5 http://127.0.0.1:8081/health"]
     assert lines[-1].startswith("1 node(s), 4 step(s), 0 failed, ")
+
+
+def test_a_macos_node_is_verified_and_reported_with_bsd_tools(tmp_path: Path) -> None:
+    inv = write_inventory(tmp_path, WEB, nodes="  n1: {address: 10.0.0.1, os: macos, unified_memory: 32GiB}\n")
+    n1 = node(manager="launchd", os="macos")
+    n1.service("web", 8081)
+    assert run(inv, {"n1": n1}).ok
+    checked = verify(inv, lambda name: n1, wait=0)  # type: ignore[arg-type, return-value]
+    assert [(c.name, c.status, c.detail) for c in checked.checks][:2] == [
+        ("listening", "ok", "bound to 127.0.0.1"), ("health", "ok", "/health 200")]
+    snap = snapshot(inv, lambda name: n1)  # type: ignore[arg-type, return-value]
+    assert [(s.state, s.health, s.memory) for s in snap.services] == [("running", "ok", 20480 * 1024)]
+    assert "ps -o rss= -p 4001" in n1.commands() and n1.unknown == []
