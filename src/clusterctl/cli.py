@@ -6,16 +6,25 @@ commands so that `--help` and `validate` start fast.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from clusterctl.errors import ClusterctlError, ExitCode
+
+if TYPE_CHECKING:  # the commands import these when they run
+    from clusterctl.inventory import Inventory
+    from clusterctl.lockfile import LockFile
+    from clusterctl.models.meta import ModelMeta
+    from clusterctl.planner import Plan
+    from clusterctl.transport import Transport
 
 app = typer.Typer(
     name="clusterctl",
@@ -78,10 +87,61 @@ def resolve_inventory_path(path: Path | None) -> Path:
     return bundled_inventories() / f"{DEFAULT_INVENTORY}.yaml"
 
 
-def _load(path: Path | None) -> Any:
+def _load(path: Path | None) -> Inventory:
     from clusterctl.inventory import load_inventory
 
     return load_inventory(resolve_inventory_path(path))
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """An inventory with what the commands derive from it: its lock file, the pinned metadata, the plan."""
+
+    inv: Inventory
+    path: Path  # the inventory file
+    lock_path: Path
+    lock: LockFile
+    metas: dict[str, ModelMeta]
+    plan: Plan | None  # None when no model is pinned (and the metadata were not required)
+
+
+def _planned(inv: Inventory, *, require: bool = False) -> Loaded:
+    """Read the lock file next to `inv` and plan. `require`: every model a service uses must be
+    pinned (MetadataError otherwise) and there is always a plan."""
+    from clusterctl.lockfile import lock_path, metas_for, read_lock, require_metas
+    from clusterctl.planner import make_plan
+
+    assert inv.path is not None
+    lpath = lock_path(inv.path)
+    lock = read_lock(lpath)
+    metas = require_metas(inv, lock, lpath) if require else metas_for(inv, lock)
+    plan_ = make_plan(inv, metas) if metas or require else None
+    return Loaded(inv=inv, path=inv.path, lock_path=lpath, lock=lock, metas=metas, plan=plan_)
+
+
+def _load_planned(inventory_path: Path | None, *, require: bool = False) -> Loaded:
+    return _planned(_load(inventory_path), require=require)
+
+
+def _opener(inv: Inventory) -> Callable[[str], Transport]:
+    """A transport (not yet connected) for a node of `inv`, by name."""
+    from clusterctl.transport.connect import connect
+
+    return lambda name: connect(name, inv.nodes[name], inv.cluster.ssh)
+
+
+@contextlib.contextmanager
+def _deploy_lock(inventory_path: Path) -> Iterator[dict[str, object]]:
+    """Hold the cluster's deploy lock; warn when the previous holder did not finish.
+    Yields that holder's record (empty when it finished)."""
+    from clusterctl import ui
+    from clusterctl.deploy.lock import cluster_lock
+
+    with cluster_lock(inventory_path) as stale:
+        if stale:
+            ui.warn(f"the previous deploy (pid {stale.get('pid')}, started {stale.get('started')}) did not "
+                    "finish; this one reconciles from the nodes' actual state")
+        yield stale
 
 
 @app.command()
@@ -107,18 +167,14 @@ def plan(
 ) -> None:
     """Offline memory fit per device, placement, and what a deploy would do."""
     from clusterctl import ui
-    from clusterctl.lockfile import lock_path, read_lock, require_metas
-    from clusterctl.planner import make_plan
 
-    inv = _load(inventory)
-    assert inv.path is not None
-    lpath = lock_path(inv.path)
-    metas = require_metas(inv, read_lock(lpath), lpath)
-    p = make_plan(inv, metas)
+    loaded = _load_planned(inventory, require=True)
+    p = loaded.plan
+    assert p is not None
     if json:
         ui.print_json(p.to_json())
     else:
-        ui.plan(p, inv, f"metadata pinned in {lpath.name}")
+        ui.plan(p, loaded.inv, f"metadata pinned in {loaded.lock_path.name}")
     if not p.ok:
         raise typer.Exit(int(ExitCode.DOES_NOT_FIT))
     if strict and any(d.verdict == "tight" for d in p.devices):
@@ -136,16 +192,11 @@ def render(
 ) -> None:
     """Systemd units, launchd plists, launch scripts, router and monitoring config per node."""
     from clusterctl import ui
-    from clusterctl.lockfile import lock_path, metas_for, read_lock
-    from clusterctl.planner import make_plan
     from clusterctl.render import render as do_render
     from clusterctl.tree import diff_tree, write_tree
 
-    inv = _load(inventory)
-    assert inv.path is not None
-    metas = metas_for(inv, read_lock(lock_path(inv.path)))
-    plan_ = make_plan(inv, metas) if metas else None
-    result = do_render(inv, plan_, nodes=node or None)
+    loaded = _load_planned(inventory)
+    result = do_render(loaded.inv, loaded.plan, nodes=node or None)
     if diff:
         changes = diff_tree(result.files, out)
         if json:
@@ -153,11 +204,10 @@ def render(
         else:
             ui.tree_diff(changes)
         raise typer.Exit(1 if changes else 0)
+    write_tree(result.files, out)
     if not json:
-        write_tree(result.files, out)
         ui.rendered(result, out)
         return
-    write_tree(result.files, out)
     ui.print_json({
         "out": str(out),
         "files": [{"node": f.node, "path": f.path, "sha256": f.sha256, "mode": oct(f.mode),
@@ -181,17 +231,12 @@ def deploy(
 ) -> None:
     """Make the cluster match the inventory over SSH: acquire -> router -> services -> verify."""
     from clusterctl import ui
-    from clusterctl.deploy.lock import cluster_lock
     from clusterctl.deploy.model import PHASES
     from clusterctl.deploy.rollout import deploy as do_deploy
     from clusterctl.errors import UsageError
-    from clusterctl.lockfile import lock_path, metas_for, read_lock
-    from clusterctl.planner import make_plan
     from clusterctl.render import render as do_render
-    from clusterctl.transport.connect import connect
 
     inv = _load(inventory)
-    assert inv.path is not None
     unknown = [n for n in nodes or [] if n not in inv.nodes]
     if unknown:
         raise UsageError(f"unknown node(s): {', '.join(unknown)}", f"nodes: {', '.join(inv.nodes)}")
@@ -199,9 +244,8 @@ def deploy(
     bad = [p for p in phase or [] if p not in PHASES]
     if bad:
         raise UsageError(f"unknown phase(s): {', '.join(bad)}", f"one of {', '.join(PHASES)}")
-    lock = read_lock(lock_path(inv.path))
-    metas = metas_for(inv, lock)
-    plan_ = make_plan(inv, metas) if metas else None
+    loaded = _planned(inv)
+    plan_ = loaded.plan
     if plan_ is not None and not plan_.ok and not dry_run:
         from clusterctl.errors import DoesNotFitError
 
@@ -209,16 +253,11 @@ def deploy(
                               "run `clusterctl plan` and fix them first")
     rendered = do_render(inv, plan_)
     reporter = ui.DeployReporter(quiet=json)
+    opener = _opener(inv)
 
-    def opener(name: str) -> Any:
-        return connect(name, inv.nodes[name], inv.cluster.ssh)
-
-    with cluster_lock(inv.path) as stale:
-        if stale:
-            ui.warn(f"the previous deploy (pid {stale.get('pid')}, started {stale.get('started')}) did not "
-                    "finish; this one reconciles from the nodes' actual state")
-        result = do_deploy(inv, lock, rendered, opener, nodes=nodes or None, phases=phases, dry_run=dry_run,
-                           max_fail=max_fail, reporter=reporter, plan=plan_)
+    with _deploy_lock(loaded.path) as stale:
+        result = do_deploy(inv, loaded.lock, rendered, opener, nodes=nodes or None, phases=phases,
+                           dry_run=dry_run, max_fail=max_fail, reporter=reporter, plan=plan_)
     reporter.close()
     checked = None
     if "verify" in phases and not dry_run and result.ok:
@@ -226,7 +265,7 @@ def deploy(
         from clusterctl.verify import verify as do_verify
 
         checked = do_verify(inv, opener, nodes=nodes or None, plan=plan_,
-                            baselines=load_baselines(baselines_path(inv.path)))
+                            baselines=load_baselines(baselines_path(loaded.path)))
     if json:
         ui.print_json(result.to_json() | ({"verify": checked.to_json()} if checked else {})
                       | ({"stale_lock": stale} if stale else {}))
@@ -283,18 +322,12 @@ def verify(
 ) -> None:
     """Check every service and route: health, identity, a smoke prompt and its sanity, speed."""
     from clusterctl import ui
-    from clusterctl.lockfile import lock_path, metas_for, read_lock
-    from clusterctl.planner import make_plan
-    from clusterctl.transport.connect import connect
     from clusterctl.verify import load_baselines
     from clusterctl.verify import verify as do_verify
 
-    inv = _load(inventory)
-    assert inv.path is not None
-    metas = metas_for(inv, read_lock(lock_path(inv.path)))
-    plan_ = make_plan(inv, metas) if metas else None
-    result = do_verify(inv, lambda n: connect(n, inv.nodes[n], inv.cluster.ssh), nodes=nodes or None, plan=plan_,
-                       baselines=load_baselines(baselines_path(inv.path)), wait=wait, tolerance=tolerance)
+    loaded = _load_planned(inventory)
+    result = do_verify(loaded.inv, _opener(loaded.inv), nodes=nodes or None, plan=loaded.plan,
+                       baselines=load_baselines(baselines_path(loaded.path)), wait=wait, tolerance=tolerance)
     if junit is not None:
         junit.write_text(result.junit())
     if json:
@@ -322,7 +355,6 @@ def bench_cmd(
     from clusterctl.bench import bench as do_bench
     from clusterctl.bench import chart, markdown, store_baselines, what_changed
     from clusterctl.errors import UsageError
-    from clusterctl.transport.connect import connect
 
     inv = _load(inventory)
     assert inv.path is not None
@@ -334,11 +366,12 @@ def bench_cmd(
         lengths = [int(x) for x in prompt_tokens.split(",")]
     except ValueError:
         raise UsageError("--concurrency and --prompt-tokens take comma-separated numbers") from None
-    result = do_bench(inv, lambda n: connect(n, inv.nodes[n], inv.cluster.ssh), services=services or None,
+    result = do_bench(inv, _opener(inv), services=services or None,
                       concurrency=levels, prompt_tokens=lengths, max_tokens=max_tokens)
-    changed = what_changed(baselines_path(inv.path), result)
+    baselines = baselines_path(inv.path)
+    changed = what_changed(baselines, result)
     if save:
-        store_baselines(baselines_path(inv.path), result)
+        store_baselines(baselines, result)
     text = markdown(result)
     if changed:
         text += "\nSince the stored baseline:\n" + "\n".join(f"- {line}" for line in changed) + "\n"
@@ -361,18 +394,13 @@ def status(
 ) -> None:
     """Live view of nodes and services: state, health, memory vs plan, router requests/s, errors."""
     from clusterctl import ui
-    from clusterctl.lockfile import lock_path, metas_for, read_lock
-    from clusterctl.planner import make_plan
     from clusterctl.status import snapshot
-    from clusterctl.transport.connect import connect
 
-    inv = _load(inventory)
-    assert inv.path is not None
-    metas = metas_for(inv, read_lock(lock_path(inv.path)))
-    plan_ = make_plan(inv, metas) if metas else None
+    loaded = _load_planned(inventory)
+    opener = _opener(loaded.inv)
 
     def take() -> Any:
-        return snapshot(inv, lambda n: connect(n, inv.nodes[n], inv.cluster.ssh), plan_)
+        return snapshot(loaded.inv, opener, loaded.plan)
 
     if json:
         ui.print_json(take().to_json())
