@@ -25,6 +25,12 @@ from tests.fakenode import FakeNode
 PY = "/usr/bin/python3"
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy remembers file hashes under the cache directory: the test's own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 def write_inventory(tmp: Path, services: str, *, nodes: str | None = None, models: str = "", router: str = "",
                     cluster: str = "") -> Inventory:
     text = ("cluster:\n  name: fake\n  defaults: {models_dir: /opt/models}\n" + cluster +
