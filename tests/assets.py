@@ -70,6 +70,29 @@ def wheelhouse() -> Path:
     return path
 
 
+def mlx_wheelhouse() -> Path:
+    """Wheels of mlx-lm[cpu] and its dependencies ($CLUSTERCTL_MLX_WHEELS); fails if absent."""
+    path = Path(os.environ.get("CLUSTERCTL_MLX_WHEELS", ""))
+    if not os.environ.get("CLUSTERCTL_MLX_WHEELS") or not (path / ".complete").is_file():
+        pytest.fail(f"no mlx-lm wheels (CLUSTERCTL_MLX_WHEELS={path}): {_FETCH_HINT}", pytrace=False)
+    return path
+
+
+def mlx_requirement() -> str:
+    return os.environ.get("CLUSTERCTL_MLX_REQUIREMENT") or "mlx-lm[cpu]==0.32.2"
+
+
+def tiny_model_dir() -> Path:
+    """The tiny Llama in Hugging Face layout that tools/make-tiny-model.py builds ($CLUSTERCTL_TINY_MODEL)."""
+    path = Path(os.environ.get("CLUSTERCTL_TINY_MODEL", ""))
+    if not os.environ.get("CLUSTERCTL_TINY_MODEL") or not (path / "model.safetensors").is_file():
+        pytest.fail(f"no tiny model (CLUSTERCTL_TINY_MODEL={path}): {_FETCH_HINT}", pytrace=False)
+    return path
+
+
+TINY_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
 # ---------------------------------------------------------------------------------------------
 # synthetic GGUF files written with the real gguf.GGUFWriter
 

@@ -43,7 +43,7 @@ class FakeService:
     starts: int = 0
     pid: int = 0
     log: list[str] = field(default_factory=list)
-    models: tuple[str, ...] = ()  # what GET /v1/models lists
+    models: tuple[str, ...] | None = ()  # what GET /v1/models lists; None: an empty body (mlx-lm's quirk)
     answer: str = "The sea is wide and blue."  # the chat completion's content
 
     @property
@@ -448,10 +448,11 @@ class FakeNode:
         return 0, f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n\r\n{payload}", ""
 
     def _http(self, svc: FakeService, path: str, a: tuple[str, ...]) -> tuple[int, str]:
+        if path == "/v1/models" and svc.state == "active":
+            listing = json.dumps({"object": "list", "data": [{"id": m} for m in svc.models or ()]})
+            return 200, "" if svc.models is None else listing
         if path == svc.health_path:
             return (200, '{"status":"ok"}') if svc.state == "active" else (503, '{"status":"loading"}')
-        if path == "/v1/models":
-            return 200, json.dumps({"object": "list", "data": [{"id": m} for m in svc.models]})
         if path == "/v1/chat/completions":
             return 200, json.dumps({"choices": [{"message": {"role": "assistant", "content": svc.answer}}],
                                     "usage": {"completion_tokens": 8},

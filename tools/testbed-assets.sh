@@ -19,6 +19,12 @@ MODEL="$CACHE/models/gemma-3-270m-q4_k_m.gguf"
 WHEELS="$CACHE/wheels"
 SOURCE="$CACHE/sources/llama_cpp_python-$LLAMA_CPP_PY_VERSION.tar.gz"   # also what nodes build from in tests
 PY="${PYTHON:-python3}"
+MLX_LM_REQUIREMENT="${MLX_LM_REQUIREMENT:-mlx-lm[cpu]==0.32.2}"
+MLX_ID=$(printf '%s' "$MLX_LM_REQUIREMENT" | sha256sum | cut -c1-12)
+MLX_WHEELS="$CACHE/wheels-mlx-lm/$MLX_ID"   # what nodes install mlx-lm from (no index)
+MLX_VENV="$CACHE/mlx-lm-venv/$MLX_ID"       # the controller's copy: builds the tiny model
+TINY_ID=$(sha256sum < "$(dirname "$0")/make-tiny-model.py" | cut -c1-12)
+TINY_MODEL="$CACHE/models/tiny-llama-$TINY_ID"
 
 log() { printf 'testbed-assets: %s\n' "$*" >&2; }
 
@@ -81,14 +87,43 @@ fetch_wheels() {
   done
 }
 
+fetch_mlx() {
+  if [[ ! -f "$MLX_WHEELS/.complete" ]]; then
+    log "downloading $MLX_LM_REQUIREMENT and its dependencies as wheels (about 60 MB)"
+    rm -rf "$MLX_WHEELS"; mkdir -p "$MLX_WHEELS"
+    "$PY" -m pip download --quiet --disable-pip-version-check -d "$MLX_WHEELS" "$MLX_LM_REQUIREMENT"
+    touch "$MLX_WHEELS/.complete"
+  fi
+  if [[ ! -x "$MLX_VENV/bin/mlx_lm.server" ]]; then
+    rm -rf "$MLX_VENV"
+    "$PY" -m venv "$MLX_VENV"
+    "$MLX_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-index \
+      --find-links "$MLX_WHEELS" "$MLX_LM_REQUIREMENT"
+  fi
+}
+
+build_tiny_model() {
+  if [[ -f "$TINY_MODEL/model.safetensors" ]]; then return; fi
+  local work; work=$(mktemp -d "$CACHE/.tiny.XXXXXX")
+  trap 'rm -rf "$work"' RETURN
+  log "building the tiny Llama (tokenizer, weights, 300 MLX training steps: about 20 s)"
+  "$MLX_VENV/bin/python" "$(dirname "$0")/make-tiny-model.py" "$work/model"
+  mkdir -p "$(dirname "$TINY_MODEL")"
+  mv "$work/model" "$TINY_MODEL"
+}
+
 fetch_model
 fetch_source
 fetch_wheels
+fetch_mlx
+build_tiny_model
 build_llama
 ln -sfn "$(dirname "$BIN_DIR")" "$CACHE/llama.cpp/current"   # a stable name for inventories
 if [[ "${1:-}" == "--env" ]]; then
   printf 'CLUSTERCTL_LLAMA_BIN=%q\nCLUSTERCTL_TEST_MODEL=%q\nCLUSTERCTL_LLAMA_SOURCE=%q\nCLUSTERCTL_WHEELS=%q\n' \
     "$BIN_DIR" "$MODEL" "$SOURCE" "$WHEELS"
+  printf 'CLUSTERCTL_MLX_WHEELS=%q\nCLUSTERCTL_TINY_MODEL=%q\nCLUSTERCTL_MLX_REQUIREMENT=%q\n' \
+    "$MLX_WHEELS" "$TINY_MODEL" "$MLX_LM_REQUIREMENT"
 else
-  printf '%s\n%s\n%s\n%s\n' "$BIN_DIR" "$MODEL" "$SOURCE" "$WHEELS"
+  printf '%s\n%s\n%s\n%s\n%s\n%s\n' "$BIN_DIR" "$MODEL" "$SOURCE" "$WHEELS" "$MLX_WHEELS" "$TINY_MODEL"
 fi

@@ -144,7 +144,7 @@ def bench(inv: Inventory, connect: Callable[[str], Transport], *, services: Sequ
             url = f"http://{local_host(spec.bind)}:{spec.port}/v1/chat/completions"
             key = _key(inv, spec.service)
             for tokens in prompt_tokens:
-                body = {"model": spec.service, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                body = {"model": spec.model_id, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
                         "messages": [{"role": "user", "content": prompt_of(tokens)}], "cache_prompt": False}
                 for c in concurrency:
                     samples: list[Sample] = []

@@ -20,7 +20,7 @@ from xml.sax.saxutils import escape as xml_escape
 
 import jinja2
 
-from clusterctl.engines import LaunchSpec, SecretFile, health_path, launch_specs
+from clusterctl.engines import LaunchSpec, SecretFile, adapter, health_path, launch_specs
 from clusterctl.errors import ClusterctlError, ExitCode
 from clusterctl.inventory import Inventory, Node
 from clusterctl.layout import (
@@ -216,7 +216,8 @@ def route_table(inv: Inventory) -> RouteTable | None:
         if svc.node_names[0] != r.node and host in ("127.0.0.1", "::1"):
             host = node.private_address or node.address
         key = upstream_key_path(name) if svc.api_key else None
-        backends[name] = Backend(url=f"http://{host}:{svc.default_port}", model=name, api_key_file=key,
+        served = adapter(svc.engine).served_model(inv, name, svc, node)
+        backends[name] = Backend(url=f"http://{host}:{svc.default_port}", model=served, api_key_file=key,
                                  max_concurrency=max(1, svc.parallel * 2),
                                  health_path=health_path(svc),
                                  timeout=max(600.0, svc.startup_timeout))

@@ -122,10 +122,10 @@ def check_service(inv: Inventory, t: Transport, spec: LaunchSpec, baselines: dic
         out.append(Check(node, name, "health", "fail", f"{spec.health_path}: {state}"))
         return out, measured
     out.append(Check(node, name, "health", "ok", f"{spec.health_path} 200"))
-    expected = name
+    expected = spec.model_id
     if spec.identity:
         models = http(t, base + "/v1/models", key=key, timeout=15)
-        failed = _identity(node, name, models, out)
+        failed = _identity(node, name, expected, models, out)
         if failed:
             return out, measured
     # smoke prompt: completes, and the answer is sane
@@ -164,7 +164,7 @@ def check_service(inv: Inventory, t: Transport, spec: LaunchSpec, baselines: dic
     return out, measured
 
 
-def _identity(node: str, name: str, models: Http, out: list[Check]) -> bool:
+def _identity(node: str, name: str, expected: str, models: Http, out: list[Check]) -> bool:
     """The port serves the expected model, not some other process; True when it failed."""
     ids: list[str] = []
     try:
@@ -175,12 +175,17 @@ def _identity(node: str, name: str, models: Http, out: list[Check]) -> bool:
     if models.status == 401:
         out.append(Check(node, name, "model", "fail", "/v1/models: 401, the API key in the inventory is refused"))
         return True
-    if not any(i == name or i.split(":")[0] == name for i in ids):
+    if models.status == 200 and not models.body.strip():
         out.append(Check(node, name, "model", "fail",
-                         f"/v1/models serves {', '.join(ids) or 'nothing'}, expected '{name}' "
+                         f"/v1/models answered 200 with an empty body, expected '{expected}' (mlx-lm does this "
+                         "when HF_HUB_CACHE is not an existing folder)"))
+        return True
+    if not any(i == expected or i.split(":")[0] == expected for i in ids):
+        out.append(Check(node, name, "model", "fail",
+                         f"/v1/models serves {', '.join(ids) or 'nothing'}, expected '{expected}' "
                          "(another process on this port?)"))
         return True
-    out.append(Check(node, name, "model", "ok", f"serves '{name}'"))
+    out.append(Check(node, name, "model", "ok", f"serves '{expected}'"))
     return False
 
 

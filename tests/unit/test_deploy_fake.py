@@ -592,3 +592,22 @@ def test_a_macos_node_is_verified_and_reported_with_bsd_tools(tmp_path: Path) ->
     snap = snapshot(inv, lambda name: n1)  # type: ignore[arg-type, return-value]
     assert [(s.state, s.health, s.memory) for s in snap.services] == [("running", "ok", 20480 * 1024)]
     assert "ps -o rss= -p 4001" in n1.commands() and n1.unknown == []
+
+
+def test_mlx_lm_is_checked_against_the_folder_it_serves_and_an_empty_listing_is_named(tmp_path: Path) -> None:
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text("{}")
+    inv = write_inventory(tmp_path, "  chat: {engine: mlx-lm, node: n1, model: tiny, binary: /usr/bin/python3}\n",
+                          models=f"  tiny: {{source: 'file://{tmp_path}/tiny/config.json', format: mlx}}\n")
+    n1 = node()
+    chat = n1.service("chat", 8080, health_path="/v1/models", models=("/opt/models/tiny",))
+    assert run(inv, {"n1": n1}).ok
+    script = n1.files["/opt/clusterctl/bin/chat.sh"][0].decode()
+    assert "HF_HUB_CACHE=/opt/models/tiny" in script and "HF_HUB_OFFLINE=1" in script
+    checked = verify(inv, lambda name: n1, wait=0)  # type: ignore[arg-type, return-value]
+    assert [(c.name, c.status, c.detail) for c in checked.checks][2] == ("model", "ok", "serves '/opt/models/tiny'")
+    chat.models = None
+    checked = verify(inv, lambda name: n1, wait=0)  # type: ignore[arg-type, return-value]
+    assert [(c.name, c.status, c.detail) for c in checked.checks][2:] == [(
+        "model", "fail", "/v1/models answered 200 with an empty body, expected '/opt/models/tiny' (mlx-lm does "
+        "this when HF_HUB_CACHE is not an existing folder)")]

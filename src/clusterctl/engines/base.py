@@ -51,8 +51,13 @@ class LaunchSpec:
     container_name: str | None = None
     extra_files: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (path, content) e.g. Modelfile
     post_start: tuple[tuple[str, ...], ...] = ()  # commands run once the engine answers (e.g. ollama create)
-    identity: bool = True  # GET /v1/models lists the service's name
+    identity: bool = True  # GET /v1/models lists the service's `served_model`
+    served_model: str = ""  # the model id the engine serves and expects in requests ("" = the service's name)
     chat: bool = True  # serves POST /v1/chat/completions
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model or self.service
 
     @property
     def command(self) -> tuple[str, ...]:
@@ -97,6 +102,7 @@ class EngineAdapter(Protocol):
     default_health: str | None  # the health path of a service that does not set one
 
     def health_path(self, svc: Service) -> str | None: ...
+    def served_model(self, inv: Inventory, name: str, svc: Service, node: Node) -> str: ...
     def launch(self, ctx: LaunchContext, name: str, svc: Service, node: Node) -> LaunchSpec: ...
 
 
@@ -115,6 +121,10 @@ class Adapter:
     def health_path(self, svc: Service) -> str | None:
         return self.default_health
 
+    def served_model(self, inv: Inventory, name: str, svc: Service, node: Node) -> str:
+        """The model id requests name (the engines that take an alias serve the service's name)."""
+        return name
+
     def launch(self, ctx: LaunchContext, name: str, svc: Service, node: Node) -> LaunchSpec:
         raise NotImplementedError
 
@@ -124,7 +134,8 @@ class Adapter:
         values: dict[str, object] = {
             "port": svc.default_port, "bind": svc.bind, "health_path": self.health_path(svc),
             "gpu_kinds": gpu_kinds(node), "startup_timeout": svc.startup_timeout,
-            "identity": self.identity, "chat": self.chat}
+            "identity": self.identity, "chat": self.chat,
+            "served_model": self.served_model(ctx.inv, name, svc, node)}
         values.update(kwargs)
         return LaunchSpec(name, node_name(ctx.inv, node), svc.engine, tuple(argv),
                           tuple(sorted((env if env is not None else svc.env).items())), **values)  # type: ignore[arg-type]

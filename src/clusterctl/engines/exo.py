@@ -21,7 +21,7 @@ class Exo(Adapter):
         env["EXO_MODELS_DIR"] = ctx.inv.models_dir(node)
         argv = [svc.binary or f"{engine_dir(node)}/exo/bin/exo", "--chatgpt-api-port", str(svc.default_port),
                 *svc.extra_args]
-        return self.spec(ctx, name, svc, node, argv, env, gpu_kinds=("metal",))
+        return self.spec(ctx, name, svc, node, argv, env)
 
 
 ADAPTER = Exo()
