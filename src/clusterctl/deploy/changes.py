@@ -62,7 +62,8 @@ def diff(desired: Desired, facts: NodeFacts) -> list[Step]:
         why = "not installed" if had is None else (f"has {had}" if entry.get("venv") != v.key else "binary missing")
         steps.append(Step("acquire", node, "install-engine", v.link, f"{v.requirement}: {why}"))
         if had is not None:
-            engine_changed[v.binary] = f"{v.engine} now {v.requirement}"
+            for program in v.provides:
+                engine_changed[program] = f"{v.engine} now {v.requirement}"
     for w in desired.weights:
         step = _fetch_step(node, w, facts)
         if step is not None:

@@ -43,7 +43,7 @@ def preflight(inv: Inventory, d: Desired, facts: NodeFacts, steps: list[Step], s
                               "clusterctl does not kill processes it did not start")
     pushed = {e.path for e in d.engines}
     pushed |= {b.binary(t) for b, _ in d.builds for t in b.targets}
-    pushed |= {v.binary for v in d.venvs}
+    pushed |= {p for v in d.venvs for p in v.provides}
     missing = [b for b in sorted(d.binaries) if b not in facts.executables and b not in pushed]
     if missing:
         what = "; ".join(f"{b} ({d.binaries[b]})" for b in missing)

