@@ -99,10 +99,10 @@ router:
 NO_VERIFY = ("--phase", "acquire", "--phase", "router", "--phase", "services")
 
 
-def deploy(path: Path, *args: str) -> tuple[int, dict[str, object]]:
-    """Deploy without the verify phase (tests/e2e/test_verify.py covers it: the real Gemma
-    270M's degenerate answers make it fail, as they should)."""
-    result = runner.invoke(app, ["deploy", "--inventory", str(path), "--json", *NO_VERIFY, *args])
+def deploy(path: Path, *args: str, verify: bool = False) -> tuple[int, dict[str, object]]:
+    """Deploy, by default without the verify phase (tests/e2e/test_verify.py covers it: the real
+    Gemma 270M's degenerate answers make it fail, as they should)."""
+    result = runner.invoke(app, ["deploy", "--inventory", str(path), "--json", *(() if verify else NO_VERIFY), *args])
     try:
         data = json.loads(result.stdout)
     except json.JSONDecodeError:

@@ -12,15 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from clusterctl.cli import app
 from tests import assets
-from tests.e2e.test_deploy import _package_for_nodes
+from tests.e2e.test_deploy import _package_for_nodes, deploy
 from tests.e2e.testbed import Testbed, open_testbed
 
 pytestmark = pytest.mark.real
-runner = CliRunner()
 FOLDER = "/opt/models/tiny"
 ANSWER = "The sea is wide and blue, and ships sail on it."
 
@@ -54,12 +51,8 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Testbed
     tb = open_testbed(1)
     try:
         path = _inventory(tb, tmp_path_factory.mktemp("mlx"))
-        result = runner.invoke(app, ["deploy", "--inventory", str(path), "--json"])
-        try:
-            data = json.loads(result.stdout)
-        except json.JSONDecodeError:
-            pytest.fail(f"deploy printed no JSON (exit {result.exit_code}):\n{result.output}")
-        data["exit_code"] = result.exit_code
+        code, data = deploy(path, verify=True)
+        data["exit_code"] = code
         yield tb, data, path
     finally:
         tb.close()
@@ -100,8 +93,7 @@ def test_the_router_sends_the_folder_id_mlx_lm_serves(deployed: tuple[Testbed, d
 def test_a_second_deploy_changes_nothing(deployed: tuple[Testbed, dict[str, object], Path]) -> None:
     _, data, path = deployed
     assert data["exit_code"] == 0
-    again = runner.invoke(app, ["deploy", "--inventory", str(path), "--json", "--phase", "acquire", "--phase",
-                                "router", "--phase", "services"])
-    assert again.exit_code == 0, again.output
-    assert json.loads(again.stdout)["changes"] == 0
+    code, again = deploy(path)
+    assert code == 0, again
+    assert again["changes"] == 0
 

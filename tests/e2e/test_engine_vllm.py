@@ -14,17 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from clusterctl.cli import app
 from clusterctl.models.hf_config import meta_from_hf_config
 from clusterctl.planner.engines import vllm_kv_bytes_per_token
 from tests import assets
+from tests.e2e.test_deploy import deploy
 from tests.e2e.test_engine_mlx import ANSWER
 from tests.e2e.testbed import Testbed, open_testbed
 
 pytestmark = pytest.mark.real
-runner = CliRunner()
 
 
 def _inventory(tb: Testbed, tmp: Path) -> Path:
@@ -49,12 +47,8 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Testbed
     tb = open_testbed(1)
     try:
         path = _inventory(tb, tmp_path_factory.mktemp("vllm"))
-        result = runner.invoke(app, ["deploy", "--inventory", str(path), "--json"])
-        try:
-            data = json.loads(result.stdout)
-        except json.JSONDecodeError:
-            pytest.fail(f"deploy printed no JSON (exit {result.exit_code}):\n{result.output}")
-        data["exit_code"] = result.exit_code
+        code, data = deploy(path, verify=True)
+        data["exit_code"] = code
         yield tb, data
     finally:
         tb.close()

@@ -13,15 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from clusterctl.cli import app
 from tests import assets
-from tests.e2e.test_deploy import NO_VERIFY, _package_for_nodes
+from tests.e2e.test_deploy import _package_for_nodes, deploy
 from tests.e2e.testbed import Testbed, open_testbed
 
 pytestmark = pytest.mark.real
-runner = CliRunner()
 REQUESTS = 40
 
 
@@ -59,10 +56,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
     tb = open_testbed(1)
     try:
         path = _inventory(tb, tmp_path_factory.mktemp("seed001"))
-        result = runner.invoke(app, ["deploy", "--inventory", str(path), "--json", *NO_VERIFY])
-        data = json.loads(result.stdout) if result.stdout.strip().startswith("{") else {}
-        node = data.get("nodes", {}).get("node1", {})
-        assert result.exit_code == 0, (result.output[-3000:], node.get("failed"), node.get("log_tail"))
+        code, data = deploy(path)
+        node = data["nodes"]["node1"]  # type: ignore[index]
+        assert code == 0, (node["failed"], node["log_tail"])
         yield tb
     finally:
         tb.close()

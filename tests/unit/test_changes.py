@@ -19,7 +19,8 @@ KEY = SecretValue("/etc/clusterctl/secrets/chat.key", "env:KEY", b"s3cret\n")
 def desired() -> Desired:
     return Desired(node="n1", base="/opt/clusterctl", manager="systemd", files=[SCRIPT, UNIT, ROUTES, PROM],
                    secrets=[KEY], weights=[WEIGHT], engines=[ENGINE], services=["chat", "router"],
-                   units={"chat": "clusterctl-chat.service", "router": "clusterctl-router.service"})
+                   units={"chat": "clusterctl-chat.service", "router": "clusterctl-router.service"},
+                   unit_files={UNIT.path})
 
 
 def converged() -> NodeFacts:

@@ -70,7 +70,6 @@ def diff(desired: Desired, facts: NodeFacts) -> list[Step]:
             steps.append(step)
     # files, by the service they belong to
     changed_services: dict[str, str] = {}
-    unit_changed = False
     for f in desired.files:
         have = facts.hashes.get(f.path)
         if have is None:
@@ -85,8 +84,6 @@ def diff(desired: Desired, facts: NodeFacts) -> list[Step]:
         steps.append(Step(_phase_of(owner), node, "upload", f.path, reason, len(f.content), owner))
         for s in f.restarts:
             changed_services.setdefault(s, f"{f.path} {reason}")
-        if f.path.endswith((".service", ".plist")):
-            unit_changed = True
     for binary, why in engine_changed.items():
         for service in desired.users.get(binary, []):
             changed_services.setdefault(service, why)
@@ -96,9 +93,9 @@ def diff(desired: Desired, facts: NodeFacts) -> list[Step]:
             steps.append(Step(_phase_of(owner), node, "secret", secret.path,
                               "new" if secret.path not in facts.hashes else "changed", 0, owner, sensitive=True))
             changed_services.setdefault(owner, f"{secret.path} (sensitive) changed")
-    if unit_changed and desired.systemd:
+    if desired.systemd:  # systemd re-reads changed unit files only when told to
         for phase in ("router", "services"):
-            if any(st.phase == phase and st.target.endswith(".service") for st in steps):
+            if any(st.phase == phase and st.kind == "upload" and st.target in desired.unit_files for st in steps):
                 steps.append(Step(phase, node, "daemon-reload", "systemd", "unit files changed"))
     for service in desired.services:
         phase = _phase_of(service)

@@ -84,15 +84,13 @@ def build_desired(inv: Inventory, lock: LockFile, rendered: Rendered, plan: Plan
             values[secret.ref] = _secret_value(secret.ref)
         out[node_name].secrets.append(SecretValue(secret.path, secret.ref, values[secret.ref]))
     order = [s.service for s in specs]
-    for spec in specs:
-        d = out[spec.node]
-        if spec.service not in d.services:
-            d.services.append(spec.service)
-            d.units[spec.service] = manager(inv.nodes[spec.node]).handle(inv.nodes[spec.node], spec.service)
-    if inv.router is not None:
-        d = out[inv.router.node]
-        d.services.append(ROUTER)
-        d.units[ROUTER] = manager(inv.nodes[inv.router.node]).handle(inv.nodes[inv.router.node], ROUTER)
+    started = [(s.node, s.service) for s in specs] + ([(inv.router.node, ROUTER)] if inv.router else [])
+    for node_name, service in started:
+        d, node = out[node_name], inv.nodes[node_name]
+        if service not in d.services:
+            d.services.append(service)
+            d.units[service] = manager(node).handle(node, service)
+            d.unit_files.add(manager(node).unit_file(node, service))
     for spec in specs:
         svc = inv.services[spec.service]
         node = inv.nodes[spec.node]

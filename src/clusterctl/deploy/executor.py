@@ -76,9 +76,8 @@ class Executor:
             "verify-source": self._verify_in_place, "build-engine": self._build, "install-engine": self._install}
 
     # -- running operations --------------------------------------------------------------------
-    def run(self, op: ops.Run, *, stdin: bytes | None = None) -> CommandResult:
-        r = self.t.run(list(op.argv), input=stdin if stdin is not None else op.stdin, timeout=op.timeout)
-        return r
+    def run(self, op: ops.Run) -> CommandResult:
+        return self.t.run(list(op.argv), input=op.stdin, timeout=op.timeout)
 
     def control(self, controls: list[ops.Run]) -> tuple[bool, str]:
         for c in controls:

@@ -60,7 +60,8 @@ class Desired:
     weights: list[WeightFile] = field(default_factory=list)
     engines: list[EngineFile] = field(default_factory=list)
     services: list[str] = field(default_factory=list)  # in start order (rpc workers first)
-    units: dict[str, str] = field(default_factory=dict)  # service -> unit name (systemd)
+    units: dict[str, str] = field(default_factory=dict)  # service -> the manager's handle (unit, label, script)
+    unit_files: set[str] = field(default_factory=set)  # the files that define services to the manager
     binaries: dict[str, str] = field(default_factory=dict)  # executable the services need -> what provides it
     users: dict[str, list[str]] = field(default_factory=dict)  # executable -> the services that run it
     builds: list[tuple[LlamaBuild, WeightFile]] = field(default_factory=list)  # with the source archive

@@ -125,7 +125,7 @@ class NodeRun:
             wave = [s for s in steps if (s.service in rpc if services_wave == "workers" else s not in self.result.done)
                     and s.kind != "daemon-reload"]
             # the manager re-reads unit files after this wave's uploads, before its restarts
-            units = any(s.kind == "upload" and s.target.endswith((".service", ".plist")) for s in wave)
+            units = any(s.kind == "upload" and s.target in self.d.unit_files for s in wave)
             steps = wave + [s for s in steps if s.kind == "daemon-reload" and units]
         if not steps:
             return
