@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine and runs the whole test suite:
-#   Debian packages (compilers, cmake, nginx, wrk), the project with its test extras,
+#   Debian packages (compilers, cmake, nginx, wrk, docker.io: the container tests run their
+#   own dockerd inside a testbed node, never the host's), the project with its test extras,
 #   the real llama.cpp build and the real Gemma 3 270M model (both cached under
 #   ~/.cache/clusterctl), then ruff, mypy and pytest: all tests, the `real` ones too (a plain
 #   `python -m pytest` deselects those: pyproject.toml). Arguments go to pytest; a -m among
@@ -10,7 +11,8 @@ cd "$(dirname "$0")/.."
 
 need=()
 for pair in cmake:cmake ninja:ninja-build g++:g++ nginx:nginx git:git curl:curl shellcheck:shellcheck \
-            wrk:wrk promtool:prometheus sshd:openssh-server systemd-analyze:systemd unshare:util-linux ip:iproute2 sudo:sudo iptables:iptables; do
+            wrk:wrk promtool:prometheus sshd:openssh-server systemd-analyze:systemd unshare:util-linux ip:iproute2 sudo:sudo iptables:iptables \
+            dockerd:docker.io; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 if ((${#need[@]})); then
