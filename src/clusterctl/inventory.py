@@ -384,6 +384,19 @@ class Container(Strict):
     image: str
     runtime: Literal["docker", "podman"] = "docker"
     devices: list[str] = Field(default_factory=list, description="extra device paths, e.g. /dev/kfd")
+    executable: str | None = Field(
+        None, description="the engine's executable in the image (default: its base name on the image's PATH), "
+        "e.g. /app/llama-server for the llama.cpp project's images")
+    shm_size: Size | None = Field(
+        None, ge=2**20, description="the container's /dev/shm, e.g. '16GiB' (default: the runtime's 64 MiB; "
+        "vllm: 8 GiB)")
+
+    @field_validator("executable")
+    @classmethod
+    def _executable(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[A-Za-z0-9_./+-]+$", v):
+            raise ValueError(f"{v!r} is not an executable's name or path")
+        return v
 
     @field_validator("image")
     @classmethod

@@ -10,8 +10,8 @@ exec /usr/bin/docker \
     --device /dev/kfd \
     --device /dev/dri \
     --volume /opt/models:/opt/models:ro \
+    --entrypoint llama-server \
     llama-strix:latest \
-    llama-server \
     --model /opt/models/qwen2.5-7b/Qwen2.5-7B-Instruct-Q5_K_M.gguf \
     --alias light \
     --host 127.0.0.1 \
