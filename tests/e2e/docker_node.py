@@ -139,15 +139,19 @@ class DockerNode:
         """`docker ARGS` in the node, against its daemon (the node's default socket)."""
         return self.node.run([DOCKER, "--host", f"unix://{SOCKET}", *args], timeout=timeout)
 
-    def import_rootfs(self, tarball: Path, tag: str, *, env_path: str = "/usr/local/bin:/usr/bin:/bin") -> str:
-        """`docker import` of a root file system tarball as image `tag`; returns the image id."""
+    def import_rootfs(self, tarball: Path, tag: str, *, env_path: str = "/usr/local/bin:/usr/bin:/bin",
+                      entrypoint: tuple[str, ...] = ()) -> str:
+        """`docker import` of a root file system tarball as image `tag`, with PATH `env_path` and
+        the ENTRYPOINT `entrypoint` (none when empty); returns the image id."""
         images = self.host_dir / "images"
         images.mkdir(exist_ok=True)
         copy = images / tarball.name
         if not copy.exists():
             shutil.copyfile(tarball, copy)  # where the node sees it: its data folder
-        r = self.docker("import", "--change", f"ENV PATH={env_path}", f"{DATA_MOUNT}/images/{tarball.name}", tag,
-                        timeout=300)
+        changes = ["--change", f"ENV PATH={env_path}"]
+        if entrypoint:
+            changes += ["--change", f"ENTRYPOINT {json.dumps(list(entrypoint))}"]
+        r = self.docker("import", *changes, f"{DATA_MOUNT}/images/{tarball.name}", tag, timeout=300)
         if r.returncode != 0:
             raise DockerNodeError(f"docker import {tag}: {r.stderr.strip()}")
         return r.stdout.strip()

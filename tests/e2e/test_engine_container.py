@@ -83,7 +83,9 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
     tb = open_testbed(1)
     try:
         with DockerNode(tb.node("node1")) as docker:
-            docker.import_rootfs(rootfs, image)
+            # an ENTRYPOINT of its own, as the llama.cpp project's images have: the rendered
+            # --entrypoint must win over it (the engine's arguments are not the image's)
+            docker.import_rootfs(rootfs, image, entrypoint=("/usr/local/bin/llama-server", "--version"))
             path = _inventory(tb, tmp, image)
             code, data = deploy(path, verify=True)
             yield Deployed(tb, docker, path, image, code, data)
@@ -157,12 +159,12 @@ def test_stopping_the_unit_removes_the_container_and_a_start_clears_a_stale_one(
     assert n1.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8081/health"]).returncode == 7  # refused
 
     # a stale container holds the name (a crash, a daemon restart): the start removes it first
-    created = d.docker.docker("create", "--name", CONTAINER, d.image, "llama-server", "--version")
+    created = d.docker.docker("create", "--name", CONTAINER, d.image)
     assert created.returncode == 0, created.stderr
     assert _running(d) == [(CONTAINER, d.image, "created")]
     assert n1.run(["systemctl", "start", UNIT]).returncode == 0
     verified = runner.invoke(app, ["verify", "--inventory", str(d.path), "--json", "--wait", "60"])
     checks = {(c["subject"], c["name"]): c["status"] for c in json.loads(verified.stdout)["checks"]}
-    assert (verified.exit_code, checks[(SERVICE, "health")], checks[(SERVICE, "smoke")]) == (0, "ok", "ok"), \
-        verified.stdout
+    got = (verified.exit_code, checks.get((SERVICE, "health")), checks.get((SERVICE, "smoke")))
+    assert got == (0, "ok", "ok"), verified.stdout
     assert _running(d) == [(CONTAINER, d.image, "running")]
