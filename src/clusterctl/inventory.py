@@ -409,7 +409,9 @@ class Container(Strict):
 class Service(Strict):
     engine: Engine
     node: Name | None = None
-    nodes: list[Name] = Field(default_factory=list, description="multi-node engines: exo, vllm (Ray)")
+    nodes: list[Name] = Field(default_factory=list,
+                              description="multi-node engines: exo; vllm (the first node serves, the others "
+                              "run headless ranks)")
     model: Name | None = None
     port: int | None = Field(None, ge=1, le=65535)
     bind: str = Field("127.0.0.1", description="listen address; non-loopback requires api_key")
@@ -427,6 +429,9 @@ class Service(Strict):
     tensor_parallel: int = Field(1, ge=1, le=64)
     pipeline_parallel: int = Field(1, ge=1, le=64)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1.0)
+    master_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="vLLM on several nodes: the torch.distributed port on the first node (vLLM's default 29501)")
     max_model_len: int | None = Field(None, ge=256)
     quantization: str | None = None
     rpc_cache: bool = Field(False, description="rpc-server --cache: keep tensors on the worker's disk")
@@ -485,6 +490,15 @@ class Service(Strict):
             raise ValueError("give either 'node' or 'nodes', not both")
         if self.nodes and self.engine not in ("exo", "vllm"):
             raise ValueError(f"engine {self.engine} runs on one node; use 'node'")
+        if len(set(self.nodes)) != len(self.nodes):
+            raise ValueError("'nodes' lists a node twice")
+        if self.master_port is not None and (self.engine != "vllm" or len(self.nodes) < 2):
+            raise ValueError("master_port is for a vllm service on several nodes")
+        if self.engine == "vllm" and len(self.nodes) > 1:
+            world = self.tensor_parallel * self.pipeline_parallel
+            if world % len(self.nodes):
+                raise ValueError(f"tensor_parallel x pipeline_parallel = {world} ranks cannot be split evenly "
+                                 f"over {len(self.nodes)} nodes (vLLM runs the same number of ranks on each)")
         if self.engine == "rpc-server":
             if self.model is not None:
                 raise ValueError("an rpc-server has no model: the head ships tensors to it")
@@ -504,6 +518,11 @@ class Service(Strict):
     @property
     def node_names(self) -> list[str]:
         return [self.node] if self.node is not None else list(self.nodes)
+
+    @property
+    def vllm_master_port(self) -> int:
+        """vLLM on several nodes: torch.distributed's port on the first node (vLLM's default)."""
+        return self.master_port or 29501
 
     @property
     def default_port(self) -> int:
@@ -620,17 +639,24 @@ def _xref_errors(inv: Inventory) -> list[tuple[tuple[str | int, ...], str, str |
                 errs.append((("services", sname, "rpc_workers", i),
                              f"'{w}' is a {inv.services[w].engine} service, not an rpc-server",
                              "rpc_workers lists services with engine: rpc-server"))
-        for n in svc.node_names:
+        split_vllm = svc.engine == "vllm" and len(svc.node_names) > 1
+        for rank, n in enumerate(svc.node_names):
             if n not in inv.nodes:
                 continue
             node = inv.nodes[n]
-            key = (n, svc.default_port)
-            if key in used_ports:
-                errs.append((("services", sname, "port"),
-                             f"port {svc.default_port} on node '{n}' is already used by service '{used_ports[key]}'",
-                             "give each service on a node its own port"))
-            else:
-                used_ports[key] = sname
+            # a vLLM instance split over nodes listens on its first node only: the API port and
+            # torch.distributed's master port
+            ports: list[tuple[str, int]] = [] if split_vllm and rank else [("port", svc.default_port)]
+            if split_vllm and not rank:
+                ports.append(("master_port", svc.vllm_master_port))
+            for field, port in ports:
+                key = (n, port)
+                if key in used_ports:
+                    errs.append((("services", sname, field),
+                                 f"port {port} on node '{n}' is already used by service '{used_ports[key]}'",
+                                 "give each service on a node its own port"))
+                else:
+                    used_ports[key] = sname
             ndev = len(node.devices())
             for i, d in enumerate(svc.devices):
                 if d >= ndev or d < 0:

@@ -90,10 +90,11 @@ def snapshot(inv: Inventory, connect: Callable[[str], Transport], plan: Plan | N
                 if s.health_path is not None:
                     code = http(t, f"http://{local_host(s.bind)}:{s.port}{s.health_path}", timeout=5).status
                     health = {200: "ok", 503: "loading"}.get(code, "down")
-                else:  # the adapter's check is a TCP connect
-                    probe = checks.health_probe(s)
+                elif (probe := checks.health_probe(s)) is not None:  # the adapter's check is a TCP connect
                     tcp = t.run(list(probe.argv), timeout=probe.timeout)
                     health = "ok" if checks.probe_passed(probe, tcp.rc, tcp.out) else "down"
+                else:  # no port of its own (a headless worker): running is serving
+                    health = "ok" if seen.alive else "down"
                 out.append(ServiceStatus(node, s.service, s.engine, seen.state, health, memory,
                                          planned.get(s.service, 0), errors))
             if inv.router is not None and inv.router.node == node:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from clusterctl import sanity
 from clusterctl.deploy import ops
 from clusterctl.deploy.facts import parse_lsof
+from clusterctl.deploy.managers import manager
 from clusterctl.engines import LaunchSpec, launch_specs
 from clusterctl.http import Http, http
 from clusterctl.inventory import Inventory
@@ -91,6 +92,13 @@ def check_service(inv: Inventory, t: Transport, spec: LaunchSpec, baselines: dic
     measured: dict[str, float] = {}
     host = local_host(spec.bind)
     base = f"http://{host}:{spec.port}"
+    if not spec.port:  # a headless worker (vLLM's other ranks): it runs, and its head answers for it
+        mgr = manager(inv.nodes[node])
+        c = mgr.inspect(inv.nodes[node], name)
+        shown = t.run(list(c.argv), timeout=c.timeout)
+        seen = mgr.parse_inspect(shown.rc, shown.out)
+        out.append(Check(node, name, "running", "ok" if seen.alive else "fail", seen.state))
+        return out, measured
     # listeners: only where the inventory says
     if inv.nodes[node].os == "macos":  # BSD: no ss
         lsof = t.run(["lsof", "-nP", f"-iTCP:{int(spec.port)}", "-sTCP:LISTEN"], timeout=30)

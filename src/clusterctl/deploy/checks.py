@@ -34,7 +34,7 @@ def preflight(inv: Inventory, d: Desired, facts: NodeFacts, steps: list[Step], s
             continue
         spec = specs[step.service]
         running = facts.units.get(d.units.get(step.service, "")) == "active"
-        taken = port_conflict(facts.listeners, spec.bind, spec.port)
+        taken = port_conflict(facts.listeners, spec.bind, spec.port) if spec.port else None
         if taken is not None and not running:
             address, owner = taken
             raise DeployError(f"{d.node}: port {spec.port} is taken on {address} by another process "
@@ -72,8 +72,11 @@ def preflight(inv: Inventory, d: Desired, facts: NodeFacts, steps: list[Step], s
                               hint="free disk space or move models_dir; nothing was downloaded")
 
 
-def health_probe(spec: LaunchSpec) -> ops.Run:
-    """The one probe that says a service serves: its adapter's HTTP path, or a TCP connect."""
+def health_probe(spec: LaunchSpec) -> ops.Run | None:
+    """The one probe that says a service serves: its adapter's HTTP path, or a TCP connect
+    (None: it has no port; running is serving)."""
+    if not spec.port:
+        return None
     host = local_host(spec.bind)
     if spec.health_path is None:
         return ops.tcp_probe(host, spec.port)
@@ -91,8 +94,12 @@ def alive(t: Transport, mgr: ServiceManager, node: Node, service: str) -> bool:
 
 
 def wait_healthy(t: Transport, mgr: ServiceManager, node: Node, spec: LaunchSpec) -> str | None:
-    """None once the service passes its health probe; why not, when it exits or times out."""
+    """None once the service passes its health probe; why not, when it exits or times out.
+    A service with no port of its own (a headless worker) is healthy while it runs."""
+    if not spec.port:
+        return None if alive(t, mgr, node, spec.service) else f"{spec.service} exited during start-up"
     probe = health_probe(spec)
+    assert probe is not None
     deadline = time.monotonic() + spec.startup_timeout
     pause = HEALTH_POLL_FIRST
     while time.monotonic() < deadline:

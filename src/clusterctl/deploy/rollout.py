@@ -95,7 +95,8 @@ class NodeRun:
 
     def ops(self, s: Step) -> list[ops.Op]:
         spec = self.specs.get(s.service or "")
-        return ops.step_ops(s, self.d, self.node, self.mgr, health=(checks.health_probe(spec),) if spec else ())
+        probe = checks.health_probe(spec) if spec else None
+        return ops.step_ops(s, self.d, self.node, self.mgr, health=(probe,) if probe else ())
 
     def preflight(self) -> None:
         assert self.facts is not None
@@ -121,8 +122,9 @@ class NodeRun:
     def run_phase(self, phase: Phase, *, services_wave: str | None = None) -> None:
         steps = [s for s in self.result.steps if s.phase == phase]
         if phase == "services" and services_wave is not None:
-            rpc = {n for n, spec in self.specs.items() if spec.engine == "rpc-server"}
-            wave = [s for s in steps if (s.service in rpc if services_wave == "workers" else s not in self.result.done)
+            first = {n for n, spec in self.specs.items() if spec.worker}  # rpc workers, headless ranks
+            wave = [s for s in steps if (s.service in first if services_wave == "workers"
+                                         else s not in self.result.done)
                     and s.kind != "daemon-reload"]
             # the manager re-reads unit files after this wave's uploads, before its restarts
             units = any(s.kind == "upload" and s.target in self.d.unit_files for s in wave)

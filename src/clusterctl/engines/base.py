@@ -38,10 +38,13 @@ class LaunchSpec:
     engine: str
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
+    # (VAR, ADDRESS): at start, VAR is set to the name of the node's interface that holds ADDRESS
+    interface_env: tuple[tuple[str, str], ...] = ()
     secrets: tuple[SecretFile, ...] = ()
     after: tuple[str, ...] = ()  # services on the same node that must be started first
     remote_after: tuple[str, ...] = ()  # services on other nodes that must be up first (rpc workers)
-    port: int = 0
+    worker: bool = False  # started in the first wave, before the heads (rpc-server, vLLM's headless ranks)
+    port: int = 0  # 0: listens on no port of its own (a headless worker: alive is healthy)
     bind: str = "127.0.0.1"
     health_path: str | None = "/health"  # None: the service is up when its port accepts a connection
     metrics_path: str | None = None

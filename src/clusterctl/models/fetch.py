@@ -18,6 +18,8 @@ def read_meta(source: str, *, format: str | None = None, token: str | None = Non
         path = Path(src.path)
         if not path.exists():
             raise MetadataError(f"no such file or folder: {path}")
+        if path.name == "config.json" and not is_gguf:  # a Hugging Face folder named by its config
+            path = path.parent
         if path.is_dir():
             return hf_config.read_local_hf_dir(path, format=None if format == "gguf" else format)  # type: ignore[arg-type]
         if not is_gguf and path.suffix == ".json":

