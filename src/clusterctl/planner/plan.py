@@ -471,12 +471,13 @@ def _plan_vllm_cpu(inv: Inventory, ledger: _Ledger, name: str, svc: Service, met
     per_token = vllm_kv_bytes_per_token(meta, tp, pp)
     tokens = kv // per_token if per_token else 0
     length = svc.max_model_len or svc.context or meta.n_ctx_train
+    per_node = local * (weights + kv + CPU_RANK_OVERHEAD)
     pools: list[DevicePlan] = []
     for n in svc.node_names:
         host = ledger.host(n)
         if host is None:
             findings.append(Finding("warning", name, f"node '{n}' declares no ram: vLLM's CPU ranks there "
-                                    f"({fmt_size(local * (weights + kv + CPU_RANK_OVERHEAD))}) are not checked",
+                                    f"({fmt_size(per_node)}) are not checked",
                                     f"set nodes.{n}.ram"))
             continue
         host.usages.append(Usage(name, "vllm", svc.model, local * weights, local * kv, local * CPU_RANK_OVERHEAD,
@@ -488,8 +489,8 @@ def _plan_vllm_cpu(inv: Inventory, ledger: _Ledger, name: str, svc: Service, met
         findings.append(_vllm_too_long(name, per_token, length, tokens, "per rank",
                                        "or raise VLLM_CPU_KVCACHE_SPACE in the service's env"))
     verdict: Verdict = _verdict_of(pools) if fits else "does-not-fit"
-    total = len(svc.node_names) * local * (weights + kv + CPU_RANK_OVERHEAD)
-    return ServicePlan(name, "vllm", svc.node_names, svc.model, svc.default_port, length, total, verdict,
+    return ServicePlan(name, "vllm", svc.node_names, svc.model, svc.default_port, length,
+                       len(svc.node_names) * per_node, verdict,
                        [f"{d.node}/{d.id}" for d in pools], tokens if not fits else None)
 
 
