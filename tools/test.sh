@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine and runs the whole test suite:
-#   Debian packages (compilers, cmake, nginx, wrk, docker.io: the container tests run their
+#   Debian packages (compilers, cmake, nginx, wrk, nftables, docker.io: the container tests run their
 #   own dockerd inside a testbed node, never the host's), the project with its test extras,
 #   the real llama.cpp build and the real Gemma 3 270M model (both cached under
 #   ~/.cache/clusterctl), then ruff, mypy and pytest: all tests, the `real` ones too (a plain
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 need=()
 for pair in cmake:cmake ninja:ninja-build g++:g++ nginx:nginx git:git curl:curl shellcheck:shellcheck \
-            wrk:wrk promtool:prometheus sshd:openssh-server systemd-analyze:systemd unshare:util-linux ip:iproute2 sudo:sudo iptables:iptables \
+            wrk:wrk promtool:prometheus sshd:openssh-server systemd-analyze:systemd unshare:util-linux ip:iproute2 sudo:sudo iptables:iptables nft:nftables \
             dockerd:docker.io; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done

@@ -27,6 +27,7 @@ from clusterctl.errors import InventoryError, InventoryErrors
 from clusterctl.units import parse_duration, parse_rate, parse_size
 from clusterctl.yamlsrc import SourceMap, read_yaml_file
 
+UNAUTHENTICATED = ("rpc-server", "mlx-lm", "ollama", "exo")  # engines with no API key of their own
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
 ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -414,7 +415,7 @@ class Service(Strict):
                               "run headless ranks)")
     model: Name | None = None
     port: int | None = Field(None, ge=1, le=65535)
-    bind: str = Field("127.0.0.1", description="listen address; non-loopback requires api_key")
+    bind: str = Field("127.0.0.1", description="listen address; off loopback it needs an api_key or the firewall")
     context: int | None = Field(None, ge=256, description="context length in tokens (llama.cpp -c: all slots)")
     parallel: int = Field(1, ge=1, le=512, description="parallel slots (llama.cpp -np)")
     batch: int = Field(2048, ge=32)
@@ -446,6 +447,13 @@ class Service(Strict):
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     api_key: SecretRef | None = None
+    firewall: bool | None = Field(
+        None, description="accept the port only from the nodes that use the service (an rpc worker's heads, the "
+        "router's node) and allow_from, by an nftables/iptables rule the unit applies before the engine starts; "
+        "default: on for engines without authentication (rpc-server, mlx-lm, ollama, exo) bound off loopback "
+        "on a systemd node")
+    allow_from: list[str] = Field(
+        default_factory=list, description="with a firewall: more nodes (by name) or IP addresses/networks allowed")
     startup_timeout: Duration = 600.0
     min_tokens_per_second: float | None = Field(None, gt=0, description="verify fails below this generation speed")
     metrics: bool = True
@@ -458,6 +466,27 @@ class Service(Strict):
         except ValueError:
             raise ValueError(f"bind {v!r} must be an IP address (e.g. 127.0.0.1 or 10.0.0.5)") from None
         return v
+
+    @field_validator("allow_from")
+    @classmethod
+    def _allow_from(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                if not NAME_RE.match(entry):
+                    raise ValueError(f"allow_from {entry!r} is neither a node name nor an IP address or network"
+                                     ) from None
+        return v
+
+    def firewalled(self, manager: str | None) -> bool:
+        """A firewall rule guards the port: asked for, or the default for an engine without
+        authentication bound off loopback on a systemd node."""
+        if self.bind in ("127.0.0.1", "::1"):
+            return False
+        if self.firewall is not None:
+            return self.firewall
+        return self.engine in UNAUTHENTICATED and manager == "systemd"
 
     @field_validator("env")
     @classmethod
@@ -603,6 +632,60 @@ class Inventory(Strict):
 # ---------------------------------------------------------------------------------------
 # Cross-reference checks: run after field validation, each reported with its location.
 
+def _firewall_errors(inv: Inventory, sname: str, svc: Service) -> list[tuple[tuple[str | int, ...], str, str | None]]:
+    """Off loopback a service needs an api_key or a firewall rule; engines without
+    authentication need the rule, which only systemd units apply."""
+    errs: list[tuple[tuple[str | int, ...], str, str | None]] = []
+    loopback = svc.bind in ("127.0.0.1", "::1")
+    managers = {inv.nodes[n].manager for n in svc.node_names if n in inv.nodes}
+    if svc.firewall and loopback:
+        errs.append((("services", sname, "firewall"),
+                     f"firewall: true has nothing to guard: the service binds {svc.bind}",
+                     "bind the node's private address, or drop firewall"))
+    if svc.allow_from and not svc.firewalled("systemd"):
+        errs.append((("services", sname, "allow_from"), "allow_from needs the firewall",
+                     "bind the node's private address and set firewall: true"))
+    if svc.firewalled("systemd") and managers - {"systemd"}:
+        other = next(n for n in svc.node_names if n in inv.nodes and inv.nodes[n].manager != "systemd")
+        if svc.firewall or svc.engine != "rpc-server":
+            errs.append((("services", sname, "firewall" if svc.firewall else "bind"),
+                         f"node '{other}' uses {inv.nodes[other].manager}: clusterctl applies firewall rules "
+                         "in systemd units only",
+                         "bind 127.0.0.1 and put the router on the same node"
+                         + ("" if svc.engine in UNAUTHENTICATED else ", or set an api_key and drop firewall")))
+    elif not loopback and svc.engine in UNAUTHENTICATED and svc.engine != "rpc-server" and svc.firewall is False:
+        errs.append((("services", sname, "firewall"),
+                     f"{svc.engine} has no authentication and must not bind {svc.bind} without the firewall",
+                     "leave firewall on (the default) or bind 127.0.0.1"))
+    elif not loopback and svc.engine not in UNAUTHENTICATED and svc.api_key is None and not svc.firewall:
+        errs.append((("services", sname, "bind"), f"service binds {svc.bind} without an api_key",
+                     "bind 127.0.0.1 (the router reaches it), set api_key: {file: ...} / {env: ...}, "
+                     "or firewall: true to accept the port from the router's node only"))
+    if svc.firewalled("systemd"):
+        for i, entry in enumerate(svc.allow_from):
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                if entry not in inv.nodes:
+                    errs.append((("services", sname, "allow_from", i), f"unknown node '{entry}'",
+                                 f"nodes: {', '.join(inv.nodes)}, or an IP address/network"))
+        users = [s.node_names[0] for s in inv.services.values() if sname in s.rpc_workers and s.node_names]
+        r = inv.router
+        if r is not None and any(sname in c for c in [r.default, *r.routes.values()]):
+            users.append(r.node)
+        for n in sorted({*users, *(e for e in svc.allow_from if e in inv.nodes)} - set(svc.node_names)):
+            if n not in inv.nodes:
+                continue
+            addr = inv.nodes[n].private_address or inv.nodes[n].address
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                errs.append((("services", sname, "firewall"),
+                             f"the firewall needs node '{n}''s IP address; its address is {addr!r}",
+                             f"give nodes.{n} an IP private_address, or list its IP in allow_from"))
+    return errs
+
+
 def _xref_errors(inv: Inventory) -> list[tuple[tuple[str | int, ...], str, str | None]]:
     errs: list[tuple[tuple[str | int, ...], str, str | None]] = []
 
@@ -673,14 +756,7 @@ def _xref_errors(inv: Inventory) -> list[tuple[tuple[str | int, ...], str, str |
             if svc.tensor_split and len(svc.tensor_split) > max(ndev, 1):
                 errs.append((("services", sname, "tensor_split"),
                              f"tensor_split has {len(svc.tensor_split)} entries; node '{n}' has {ndev} devices", None))
-        if svc.bind not in ("127.0.0.1", "::1") and svc.engine in ("ollama", "mlx-lm", "exo"):
-            errs.append((("services", sname, "bind"),
-                         f"{svc.engine} has no authentication and must not bind {svc.bind}",
-                         "bind 127.0.0.1 and reach it through the router on the same node"))
-        elif svc.bind not in ("127.0.0.1", "::1") and svc.api_key is None and svc.engine != "rpc-server":
-            errs.append((("services", sname, "bind"),
-                         f"service binds {svc.bind} without an api_key",
-                         "bind 127.0.0.1 (the router reaches it) or set api_key: {file: ...} / {env: ...}"))
+        errs += _firewall_errors(inv, sname, svc)
         if svc.engine == "rpc-server" and svc.node in inv.nodes:
             try:
                 ip = ipaddress.ip_address(svc.bind)

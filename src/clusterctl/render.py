@@ -9,6 +9,7 @@ that deploy writes; `render` shows them as references.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import shlex
 from collections.abc import Iterable
@@ -20,6 +21,7 @@ from xml.sax.saxutils import escape as xml_escape
 
 import jinja2
 
+from clusterctl import firewall
 from clusterctl.engines import LaunchSpec, SecretFile, adapter, health_path, launch_specs
 from clusterctl.errors import ClusterctlError, ExitCode
 from clusterctl.inventory import Inventory, Node
@@ -156,6 +158,15 @@ def _device_allow(node: Node, spec: LaunchSpec) -> list[str]:
     return allow
 
 
+def _firewall_script(spec: LaunchSpec) -> str:
+    sources = spec.firewall or ()
+    v4 = [s for s in sources if ipaddress.ip_network(s, strict=False).version == 4]
+    v6 = [s for s in sources if ipaddress.ip_network(s, strict=False).version == 6]
+    tables = [("iptables" if fam == 4 else "ip6tables", v4 if fam == 4 else v6) for fam in firewall.family(spec.bind)]
+    return render_template("scripts/firewall.sh.j2", spec=spec, table=firewall.table(spec.service),
+                           chain=firewall.chain(spec.service), v4=v4, v6=v6, tables=tables)
+
+
 def _service_files(inv: Inventory, spec: LaunchSpec, same_node: dict[str, list[str]]) -> list[RenderedFile]:
     node = inv.nodes[spec.node]
     base = base_dir(node)
@@ -171,6 +182,10 @@ def _service_files(inv: Inventory, spec: LaunchSpec, same_node: dict[str, list[s
         stop_script = f"{base}/bin/{spec.service}-stop.sh"
         files.append(RenderedFile(spec.node, stop_script, render_template("scripts/container-stop.sh.j2", spec=spec),
                                   0o755, restarts))
+    fw_script = None
+    if spec.firewall is not None:
+        fw_script = f"{base}/bin/{spec.service}-firewall.sh"
+        files.append(RenderedFile(spec.node, fw_script, _firewall_script(spec), 0o755, restarts))
     post_script = None
     if spec.post_start:
         post_script = f"{base}/bin/{spec.service}-post.sh"
@@ -182,7 +197,7 @@ def _service_files(inv: Inventory, spec: LaunchSpec, same_node: dict[str, list[s
         after = [f"{unit_name(s)}.service" for s in same_node.get(spec.service, [])]
         text = render_template("systemd/service.j2", spec=spec, script=script, unit=unit, after_units=after,
                                device_allow=_device_allow(node, spec), state_dir=f"{base}/state",
-                               stop_script=stop_script, post_script=post_script)
+                               stop_script=stop_script, post_script=post_script, fw_script=fw_script)
         files.append(RenderedFile(spec.node, systemd_unit_file(spec.service), text, 0o644, restarts))
     elif manager == "launchd":
         label = launchd_label(spec.service)
@@ -328,7 +343,8 @@ def render(inv: Inventory, plan: Plan | None = None, *, nodes: Iterable[str] | N
     """Every file of every node (or of `nodes`), deterministic and sorted by (node, path)."""
     specs = launch_specs(inv, plan)
     for spec in specs:
-        if spec.bind not in ("127.0.0.1", "::1") and spec.engine != "rpc-server" and not spec.secrets:
+        if (spec.bind not in ("127.0.0.1", "::1") and spec.engine != "rpc-server" and not spec.secrets
+                and spec.firewall is None):
             raise RenderError(f"services.{spec.service}: binds {spec.bind} without an api_key",
                               hint="bind 127.0.0.1 or set api_key: {file: ...}")
     # same-node start order: rpc workers a head uses, when they share its node

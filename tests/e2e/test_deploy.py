@@ -3,7 +3,8 @@ namespaces, reached over real SSH with strict host keys; real llama.cpp binaries
 Gemma 3 270M model, pushed over SFTP.
 
 1. seed 000's shape: a head llama-server on node1 using rpc-server workers on node2 and
-   node3, and the router on node1; a completion through the router succeeds;
+   node3, and the router on node1; a completion through the router succeeds; each worker's
+   firewall accepts its port from the head's node and drops it from the other worker's;
 2. a second deploy changes nothing; a dry run writes nothing;
 3. seed 004's shape: two llama-servers on one node (8080 and 8081);
 4. a bad change (a flag the engine rejects) is rolled back and the old service keeps answering.
@@ -154,6 +155,12 @@ def test_seed000_shape_rpc_head_and_router(testbed_factory: Callable[..., Testbe
     assert unit.stdout.strip() == "active"
     head_cmd = testbed3.node("node1").run(["bash", "-c", "tr '\\0' ' ' < /proc/$(pgrep -x llama-server)/cmdline"])
     assert f"--rpc {n2}:50052,{n3}:50052" in head_cmd.stdout
+    # the workers' firewall: the head reaches rpc2's port, another node's SYN is dropped
+    table = testbed3.node("node2").run(["nft", "list", "table", "inet", "clusterctl_rpc2"]).stdout
+    assert f"tcp dport 50052 ip saddr {testbed3.node('node1').ip} accept" in table, table
+    probe = ["timeout", "3", "bash", "-c", f"exec 3<>/dev/tcp/{n2}/50052"]
+    assert testbed3.node("node1").run(probe).returncode == 0
+    assert testbed3.node("node3").run(probe).returncode == 124  # timed out: dropped, not even refused
 
     code, again = deploy(path)
     assert code == 0 and again["changes"] == 0, json.dumps(again, indent=1)

@@ -6,6 +6,9 @@ name in `ADAPTERS` (and the inventory's `Engine` literal).
 
 from __future__ import annotations
 
+import dataclasses
+
+from clusterctl import firewall
 from clusterctl.engines import custom, exo, llama_server, mlx_lm, ollama, rpc_server, vllm
 from clusterctl.engines.base import (
     EngineAdapter,
@@ -46,5 +49,7 @@ def launch_specs(inv: Inventory, plan: PlannedContexts | None = None) -> list[La
             spec = adapter(svc.engine).launch(ctx, name, svc, node)
             if svc.container is not None:
                 spec = containerise(spec, svc, inv, node)
+            if spec.port and svc.firewalled(node.manager):
+                spec = dataclasses.replace(spec, firewall=tuple(firewall.sources(inv, name)[0]))
             specs.append(spec)
     return specs

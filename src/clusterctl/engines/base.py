@@ -57,6 +57,7 @@ class LaunchSpec:
     identity: bool = True  # GET /v1/models lists the service's `served_model`
     served_model: str = ""  # the model id the engine serves and expects in requests ("" = the service's name)
     chat: bool = True  # serves POST /v1/chat/completions
+    firewall: tuple[str, ...] | None = None  # guarded: the port is accepted only from these (and loopback)
 
     @property
     def model_id(self) -> str:

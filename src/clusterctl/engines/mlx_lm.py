@@ -1,7 +1,8 @@
 """mlx-lm's `mlx_lm.server` (Apple silicon; its CPU build, `mlx-lm[cpu]`, runs on Linux), from a venv.
 
 It has no alias flag and no API key: the model id it serves and expects in requests is the
-`--model` folder, and it binds loopback only (the inventory refuses anything else). It lists
+`--model` folder, and it binds loopback, or its node's address behind the firewall rule its
+systemd unit applies (clusterctl.firewall). It lists
 that id in `/v1/models` only when HF_HUB_CACHE names an existing folder (otherwise the body is
 empty), so it gets the model's own folder, and HF_HUB_OFFLINE keeps it off the hub."""
 

@@ -253,11 +253,14 @@ def make_plan(inv: Inventory, metas: dict[str, ModelMeta]) -> Plan:
             if not heads:
                 findings.append(Finding("warning", name, "rpc-server is not used by any llama-server head",
                                         "list it in a head's rpc_workers or remove it"))
-            findings.append(Finding(
-                "warning", name,
-                f"rpc-server has no authentication: port {svc.default_port} on {svc.node} must be "
-                "reachable only from the head node",
-                "firewall it, e.g. nft/iptables accept from the head's address only"))
+            node = inv.nodes.get(svc.node or "")
+            if not svc.firewalled(node.manager if node else None) and svc.bind not in ("127.0.0.1", "::1"):
+                findings.append(Finding(
+                    "warning", name,
+                    f"rpc-server has no authentication: port {svc.default_port} on {svc.node} must be "
+                    "reachable only from the head node",
+                    "leave its firewall on (firewall: true, a systemd node), or firewall it yourself: "
+                    "accept the port from the head's address only"))
             services.append(ServicePlan(name, svc.engine, svc.node_names, None, svc.default_port,
                                         None, 0, "fits", []))
             continue

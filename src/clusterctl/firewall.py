@@ -1,0 +1,77 @@
+"""Which services get a host firewall rule, and from which addresses their port is accepted.
+
+Engines without authentication (rpc-server, mlx-lm, Ollama, exo) may listen off loopback only
+behind a rule that accepts their port from the nodes that use them: an rpc-server worker's
+heads, the router's node for a routed service, and the service's own `allow_from`. Everything
+else that reaches the port is dropped. Systemd units apply the rule before the engine starts
+(nftables, iptables where nft is missing); a node with neither refuses to start the service.
+Pure: it reads the inventory only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+
+from clusterctl.inventory import Inventory
+from clusterctl.layout import WILDCARDS, address
+
+
+def users(inv: Inventory, name: str) -> list[str]:
+    """The nodes that connect to the service: the heads of an rpc worker, the router's node."""
+    nodes: list[str] = []
+    for svc in inv.services.values():
+        if name in svc.rpc_workers and svc.node_names:
+            nodes.append(svc.node_names[0])
+    r = inv.router
+    if r is not None and any(name in chain for chain in [r.default, *r.routes.values()]):
+        nodes.append(r.node)
+    return sorted(set(nodes))
+
+
+def sources(inv: Inventory, name: str) -> tuple[list[str], list[str]]:
+    """(allowed addresses or networks, problems): the users' node addresses and allow_from."""
+    svc = inv.services[name]
+    own = set(svc.node_names)
+    out: list[str] = []
+    problems: list[str] = []
+    for entry in [*users(inv, name), *svc.allow_from]:
+        if entry in own:
+            continue  # its own node reaches it over loopback, which is always accepted
+        if entry in inv.nodes:
+            value = address(inv.nodes[entry])
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                problems.append(f"node '{entry}' has address {value!r}, not an IP address")
+                continue
+            out.append(value)
+        else:
+            out.append(entry)  # an address or network, checked by the inventory
+    return sorted(set(out), key=_sort_key), problems
+
+
+def _sort_key(value: str) -> tuple[int, str]:
+    net = ipaddress.ip_network(value, strict=False)
+    return net.version, str(net)
+
+
+def family(bind: str) -> tuple[int, ...]:
+    """The IP versions the rule covers: the bind address's, both for a wildcard bind."""
+    if bind == "0.0.0.0":
+        return (4,)
+    if bind in WILDCARDS:
+        return (4, 6)
+    return (ipaddress.ip_address(bind).version,)
+
+
+def table(service: str) -> str:
+    """The nftables table of the service (a name nft takes unquoted)."""
+    return "clusterctl_" + re.sub(r"[^A-Za-z0-9_]", "_", service)
+
+
+def chain(service: str) -> str:
+    """The iptables chain of the service: at most 28 characters, unique per service name."""
+    digest = hashlib.sha256(service.encode()).hexdigest()[:6]
+    return f"CC-{service[:18]}-{digest}"
