@@ -10,7 +10,7 @@ import contextlib
 import functools
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -43,6 +43,11 @@ InventoryArg = Annotated[
     Path | None,
     typer.Argument(help="inventory YAML; default: the bundled beefcake2 example", show_default=False),
 ]
+# Commands that reach nodes (deploy, verify, bench, status, trust) have no default inventory: a
+# mistyped command must not connect to the bundled example's addresses.
+InventoryOpt = Annotated[Path | None, typer.Option(
+    "--inventory", "-i", show_default=False,
+    help="inventory YAML (required: commands that reach nodes have no default)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output on stdout")]
 
 
@@ -85,6 +90,43 @@ def resolve_inventory_path(path: Path | None) -> Path:
     if path is not None:
         return path
     return bundled_inventories() / f"{DEFAULT_INVENTORY}.yaml"
+
+
+def _is_inventory_file(arg: str) -> bool:
+    path = Path(arg)
+    return path.suffix in (".yaml", ".yml") and path.is_file()
+
+
+def _require_inventory(path: Path | None, command: str, args: Sequence[str] = (), usage: str = "") -> Path:
+    """The -i of a command that reaches nodes. `args`: its positional arguments, where a
+    misplaced inventory file is found and named in the hint; `usage`: what follows -i FILE."""
+    from clusterctl.errors import UsageError
+
+    if path is not None:
+        return path
+    given = next((a for a in args if _is_inventory_file(a)), None)
+    if given is None:
+        hint = f"clusterctl {command} -i INVENTORY.yaml {usage}".rstrip()
+    else:
+        rest = " ".join(a for a in args if a != given) or usage
+        hint = f"'{given}' is an inventory file: clusterctl {command} -i {given} {rest}".rstrip()
+    raise UsageError(f"missing option -i/--inventory: {command} reaches nodes and has no default inventory", hint)
+
+
+def _check_names(kind: str, given: Sequence[str], known: Mapping[str, object], inventory: Path) -> None:
+    """UsageError for the names in `given` that `inventory` does not define (nodes or services)."""
+    from clusterctl.errors import UsageError
+
+    unknown = [g for g in given if g not in known]
+    if not unknown:
+        return
+    hint = f"{kind}s in {inventory}: {', '.join(known)}"
+    pathlike = [u for u in unknown if u.endswith((".yaml", ".yml")) or "/" in u]
+    if pathlike:
+        what = "is an inventory file" if _is_inventory_file(pathlike[0]) else "looks like a file"
+        hint = f"'{pathlike[0]}' {what}: an inventory goes after -i, not as a {kind}; {hint}"
+    noun = kind if len(unknown) == 1 else f"{kind}s"
+    raise UsageError(f"unknown {noun} " + ", ".join(f"'{u}'" for u in unknown), hint)
 
 
 def _load(path: Path | None) -> Inventory:
@@ -219,10 +261,24 @@ def render(
 PhaseOpt = Annotated[list[str] | None, typer.Option("--phase", help="acquire, router, services, verify (repeatable)")]
 
 
+def _deploy_plan(inv: Inventory) -> Loaded:
+    """The plan a deploy carries out: every model a service uses must be pinned in the lock file,
+    as for `plan`, so that no service starts without its memory fit (dry runs included)."""
+    from clusterctl.errors import MetadataError
+
+    try:
+        return _planned(inv, require=True)
+    except MetadataError as exc:
+        raise MetadataError(
+            f"cannot plan the deploy: {exc.message}",
+            f"run `clusterctl resolve {inv.path}` (header reads only, no weights), check "
+            f"`clusterctl plan {inv.path}`, then deploy") from None
+
+
 @app.command()
 @handled
 def deploy(
-    inventory: Annotated[Path | None, typer.Option("--inventory", "-i", help="default: bundled beefcake2")] = None,
+    inventory: InventoryOpt = None,
     nodes: Annotated[list[str] | None, typer.Argument(help="only these nodes", show_default=False)] = None,
     phase: PhaseOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="gather facts, show every step; write nothing")] = False,
@@ -236,17 +292,17 @@ def deploy(
     from clusterctl.errors import UsageError
     from clusterctl.render import render as do_render
 
-    inv = _load(inventory)
-    unknown = [n for n in nodes or [] if n not in inv.nodes]
-    if unknown:
-        raise UsageError(f"unknown node(s): {', '.join(unknown)}", f"nodes: {', '.join(inv.nodes)}")
+    inv = _load(_require_inventory(inventory, "deploy", nodes or []))
+    assert inv.path is not None
+    _check_names("node", nodes or [], inv.nodes, inv.path)
     phases = tuple(p for p in PHASES if not phase or p in phase)
     bad = [p for p in phase or [] if p not in PHASES]
     if bad:
         raise UsageError(f"unknown phase(s): {', '.join(bad)}", f"one of {', '.join(PHASES)}")
-    loaded = _planned(inv)
+    loaded = _deploy_plan(inv)
     plan_ = loaded.plan
-    if plan_ is not None and not plan_.ok and not dry_run:
+    assert plan_ is not None
+    if not plan_.ok and not dry_run:
         from clusterctl.errors import DoesNotFitError
 
         raise DoesNotFitError("the plan has errors; deploy refuses to start services that do not fit",
@@ -283,7 +339,7 @@ def deploy(
 @handled
 def trust(
     node: Annotated[str, typer.Argument(help="node name")],
-    inventory: Annotated[Path | None, typer.Option("--inventory", "-i")] = None,
+    inventory: InventoryOpt = None,
     yes: Annotated[bool, typer.Option("--yes", help="record the key without asking")] = False,
     replace: Annotated[bool, typer.Option(help="replace a different recorded key for this host")] = False,
 ) -> None:
@@ -291,12 +347,11 @@ def trust(
     import os
 
     from clusterctl import ui
-    from clusterctl.errors import UsageError
     from clusterctl.transport.trust import trust as do_trust
 
-    inv = _load(inventory)
-    if node not in inv.nodes:
-        raise UsageError(f"unknown node '{node}'", f"nodes: {', '.join(inv.nodes)}")
+    inv = _load(_require_inventory(inventory, "trust", [node], usage="NODE"))
+    assert inv.path is not None
+    _check_names("node", [node], inv.nodes, inv.path)
     n = inv.nodes[node]
     ssh = inv.cluster.ssh
     port = n.port or ssh.port
@@ -313,7 +368,7 @@ def baselines_path(inventory_path: Path) -> Path:
 @app.command()
 @handled
 def verify(
-    inventory: Annotated[Path | None, typer.Option("--inventory", "-i", help="default: bundled beefcake2")] = None,
+    inventory: InventoryOpt = None,
     nodes: Annotated[list[str] | None, typer.Argument(help="only these nodes", show_default=False)] = None,
     json: JsonOpt = False,
     junit: Annotated[Path | None, typer.Option(help="also write JUnit XML here")] = None,
@@ -325,7 +380,10 @@ def verify(
     from clusterctl.verify import load_baselines
     from clusterctl.verify import verify as do_verify
 
-    loaded = _load_planned(inventory)
+    inv = _load(_require_inventory(inventory, "verify", nodes or []))
+    assert inv.path is not None
+    _check_names("node", nodes or [], inv.nodes, inv.path)
+    loaded = _planned(inv)
     result = do_verify(loaded.inv, _opener(loaded.inv), nodes=nodes or None, plan=loaded.plan,
                        baselines=load_baselines(baselines_path(loaded.path)), wait=wait, tolerance=tolerance)
     if junit is not None:
@@ -341,7 +399,7 @@ def verify(
 @app.command("bench")
 @handled
 def bench_cmd(
-    inventory: Annotated[Path | None, typer.Option("--inventory", "-i", help="default: bundled beefcake2")] = None,
+    inventory: InventoryOpt = None,
     services: Annotated[list[str] | None, typer.Argument(help="only these services", show_default=False)] = None,
     concurrency: Annotated[str, typer.Option(help="concurrent requests per level")] = "1,4",
     prompt_tokens: Annotated[str, typer.Option(help="prompt lengths in tokens")] = "16,512",
@@ -356,11 +414,9 @@ def bench_cmd(
     from clusterctl.bench import chart, markdown, store_baselines, what_changed
     from clusterctl.errors import UsageError
 
-    inv = _load(inventory)
+    inv = _load(_require_inventory(inventory, "bench", services or []))
     assert inv.path is not None
-    unknown = [s for s in services or [] if s not in inv.services]
-    if unknown:
-        raise UsageError(f"unknown service(s): {', '.join(unknown)}")
+    _check_names("service", services or [], inv.services, inv.path)
     try:
         levels = [int(x) for x in concurrency.split(",")]
         lengths = [int(x) for x in prompt_tokens.split(",")]
@@ -387,7 +443,7 @@ def bench_cmd(
 @app.command()
 @handled
 def status(
-    inventory: Annotated[Path | None, typer.Option("--inventory", "-i", help="default: bundled beefcake2")] = None,
+    inventory: InventoryOpt = None,
     once: Annotated[bool, typer.Option(help="print one snapshot and exit")] = False,
     interval: Annotated[float, typer.Option(help="seconds between refreshes")] = 5.0,
     json: JsonOpt = False,
@@ -396,7 +452,7 @@ def status(
     from clusterctl import ui
     from clusterctl.status import snapshot
 
-    loaded = _load_planned(inventory)
+    loaded = _load_planned(_require_inventory(inventory, "status"))
     opener = _opener(loaded.inv)
 
     def take() -> Any:
