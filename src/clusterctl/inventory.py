@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -407,6 +408,39 @@ class Container(Strict):
         return v
 
 
+# llama.cpp's built-in chat templates: the names `llama-server --chat-template NAME` accepts, as
+# the pinned build lists them in `--help` (its LLM_CHAT_TEMPLATES table; a test compares them
+# with the real binary). llama.cpp applies them with its own formatter, not with Jinja.
+LLAMA_CPP_CHAT_TEMPLATES = (
+    "bailing", "bailing-think", "bailing2", "chatglm3", "chatglm4", "chatml", "command-r", "deepseek",
+    "deepseek-ocr", "deepseek2", "deepseek3", "exaone-moe", "exaone3", "exaone4", "falcon3", "gemma",
+    "gigachat", "glmedge", "gpt-oss", "granite", "granite-4.0", "granite-4.1", "grok-2", "hunyuan-dense",
+    "hunyuan-moe", "hunyuan-vl", "kimi-k2", "llama2", "llama2-sys", "llama2-sys-bos", "llama2-sys-strip",
+    "llama3", "llama4", "megrez", "minicpm", "mistral-v1", "mistral-v3", "mistral-v3-tekken", "mistral-v7",
+    "mistral-v7-tekken", "monarch", "openchat", "orion", "pangu-embedded", "phi3", "phi4", "rwkv-world",
+    "seed_oss", "smolvlm", "solar-open", "vicuna", "vicuna-orca", "yandex", "zephyr",
+)
+MAX_CHAT_TEMPLATE_BYTES = 256 << 10
+
+
+def _read_chat_template(path: str) -> str:
+    """The text of a chat template file on the controller: UTF-8, not empty, at most 256 KiB."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CHAT_TEMPLATE_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_CHAT_TEMPLATE_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_CHAT_TEMPLATE_BYTES >> 10} KiB: not a chat template")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    if not text.strip() or "\x00" in text:
+        raise ValueError(f"{path} is empty or not text")
+    return text
+
+
 class Service(Strict):
     engine: Engine
     node: Name | None = None
@@ -457,6 +491,13 @@ class Service(Strict):
     startup_timeout: Duration = 600.0
     min_tokens_per_second: float | None = Field(None, gt=0, description="verify fails below this generation speed")
     metrics: bool = True
+    chat_template: str | None = Field(
+        None, description="llama-server: one of llama.cpp's built-in chat templates (gemma, llama3, chatml, ...) "
+        "for a GGUF that carries none or the wrong one; run with --chat-template NAME --no-jinja")
+    chat_template_file: str | None = Field(
+        None, description="llama-server: absolute path of a Jinja chat template on the controller; read when "
+        "the inventory loads, pushed to the node and run with --jinja --chat-template-file")
+    _chat_template_text: str | None = PrivateAttr(None)
 
     @field_validator("bind")
     @classmethod
@@ -510,6 +551,45 @@ class Service(Strict):
             if "\n" in arg or "\x00" in arg:
                 raise ValueError(f"argument {arg!r} must be one line")
         return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v: str | None) -> str | None:
+        if v is not None and v not in LLAMA_CPP_CHAT_TEMPLATES:
+            close = difflib.get_close_matches(v, LLAMA_CPP_CHAT_TEMPLATES, n=1, cutoff=0.6)
+            raise ValueError(f"{v!r} is not one of llama.cpp's built-in chat templates ("
+                             + (f"did you mean {close[0]!r}? " if close else "")
+                             + "see `llama-server --help`; for another template give chat_template_file)")
+        return v
+
+    @field_validator("chat_template_file")
+    @classmethod
+    def _chat_template_file(cls, v: str | None) -> str | None:
+        if v is not None:
+            _check_abs_path(v)
+            _read_chat_template(v)
+        return v
+
+    @model_validator(mode="after")
+    def _chat_template_use(self) -> Service:
+        if self.chat_template is None and self.chat_template_file is None:
+            return self
+        key = "chat_template" if self.chat_template is not None else "chat_template_file"
+        if self.engine != "llama-server":
+            raise ValueError(f"{key} is for engine llama-server; {self.engine} takes its template from the model")
+        if self.chat_template is not None and self.chat_template_file is not None:
+            raise ValueError("give either chat_template (a built-in name) or chat_template_file, not both")
+        if self.chat_template_file is not None:
+            if self.container is not None:
+                raise ValueError("chat_template_file is not mounted into a container; use a built-in "
+                                 "chat_template, or bake the template into the image and pass it in extra_args")
+            self._chat_template_text = _read_chat_template(self.chat_template_file)
+        return self
+
+    @property
+    def chat_template_text(self) -> str | None:
+        """The text of chat_template_file, as read when the inventory was loaded."""
+        return self._chat_template_text
 
     @model_validator(mode="after")
     def _shape(self) -> Service:

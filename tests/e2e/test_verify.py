@@ -2,7 +2,12 @@
 
 It passes what is healthy and fails, with the right reason: the real Gemma 3 270M's
 degenerate answer, a stopped service, an impostor answering /health on the port, a listener on
-the wrong address, and tokens/s below the stored baseline."""
+the wrong address, and tokens/s below the stored baseline.
+
+The GGUF carries no chat template. Through llama.cpp's built-in `gemma` template the answer has
+no chat-template tokens, but this model does not follow Gemma's turns: it repeats the prompt.
+Through a plain question/answer template file (pushed to the node) it answers with a sentence
+about the sea, and the smoke check passes."""
 
 from __future__ import annotations
 
@@ -22,9 +27,12 @@ pytestmark = pytest.mark.real
 runner = CliRunner()
 
 SERVICES = """\
-chat: {engine: llama-server, node: node2, model: gemma, port: 8080, context: 2048, threads: 1}
-other: {engine: llama-server, node: node2, model: gemma, port: 8081, context: 1024, threads: 1}
+chat: {engine: llama-server, node: node2, model: gemma, port: 8080, context: 2048, threads: 1, chat_template: gemma}
+other: {engine: llama-server, node: node2, model: gemma, port: 8081, context: 1024, threads: 1,
+        chat_template_file: 'TEMPLATE'}
 """
+QA_TEMPLATE = ("{%- for m in messages %}Question: {{ m['content'] }}\n{% endfor -%}"
+               "{%- if add_generation_prompt %}Answer:{% endif %}")
 
 
 def run_verify(path: Path, *args: str) -> tuple[int, dict[str, object]]:
@@ -39,9 +47,14 @@ def checks(data: dict[str, object]) -> dict[tuple[str, str], tuple[str, str]]:
 
 
 def test_verify_on_real_services(testbed3: Testbed, tmp_path: Path) -> None:
-    path = inventory(testbed3, tmp_path, SERVICES)
+    template = tmp_path / "qa.jinja"
+    template.write_text(QA_TEMPLATE)
+    path = inventory(testbed3, tmp_path, SERVICES.replace("TEMPLATE", str(template)))
     code, _ = deploy(path, "node2")
     assert code == 0
+    node = testbed3.node("node2")
+    pushed = node.run(["cat", "/opt/clusterctl/templates/other.jinja"], check=True)
+    assert pushed.stdout == QA_TEMPLATE
 
     junit = tmp_path / "verify.xml"
     code, data = run_verify(path, "--junit", str(junit))
@@ -51,11 +64,17 @@ def test_verify_on_real_services(testbed3: Testbed, tmp_path: Path) -> None:
         assert got[(service, "listening")][0] == "ok"
         assert got[(service, "health")] == ("ok", "/health 200")
         assert got[(service, "model")] == ("ok", f"serves '{service}'")
-        status, detail = got[(service, "smoke")]
-        assert status == "fail" and "repeats the prompt" in detail and "chat-template tokens" in detail
         assert got[(service, "speed")][0] == "ok"
+    # the gemma template: no ChatML tokens any more, but the model echoes the prompt
+    status, detail = got[("chat", "smoke")]
+    assert status == "fail", detail
+    assert detail.startswith("degenerate repetition: ") and "; repeats the prompt (" in detail, detail
+    assert "chat-template tokens" not in detail and "<|im_end|>" not in detail
+    # the question/answer template file: a sane answer
+    assert got[("other", "smoke")] == ("ok", "answer: 'The sea is a natural and natural environment. It is a "
+                                             "source'")
     suites = ET.parse(junit).getroot()
-    assert [s.get("name") for s in suites] == ["node2"] and suites[0].get("failures") == "2"
+    assert [s.get("name") for s in suites] == ["node2"] and suites[0].get("failures") == "1"
     measured = data["measurements"]
     assert isinstance(measured, dict) and measured["chat"]["tokens_per_second"] > 1
 
@@ -68,7 +87,6 @@ def test_verify_on_real_services(testbed3: Testbed, tmp_path: Path) -> None:
     assert status == "fail" and "below the baseline" in detail
 
     # stopped: nothing listens
-    node = testbed3.node("node2")
     node.run(["systemctl", "stop", "clusterctl-other.service"], check=True)
     _, data = run_verify(path)
     assert checks(data)[("other", "listening")] == ("fail", "nothing listens on port 8081")

@@ -65,7 +65,8 @@ def test_resolve_pins_revision_and_real_metadata(hub: NginxServer, tmp_path: Pat
 
     # the same metadata the committed example lock holds (read from the same file)
     committed = json.loads((ROOT / "inventories" / "local-demo.lock").read_text())["models"]["gemma-270m"]["meta"]
-    for key in ("n_layer", "n_head_kv", "head_dim_k", "sliding_window", "swa_layers", "tensor_bytes", "file_bytes"):
+    for key in ("n_layer", "n_head_kv", "head_dim_k", "sliding_window", "swa_layers", "tensor_bytes", "file_bytes",
+                "has_chat_template"):
         assert meta[key] == committed[key], key
 
     # a second resolve reads nothing; plan runs offline from the lock

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from clusterctl.engines.base import Adapter, LaunchContext, LaunchSpec, SecretFile, secret_file
 from clusterctl.inventory import Node, Service
-from clusterctl.layout import llama_bin, model_path, rpc_endpoint
+from clusterctl.layout import base_dir, llama_bin, model_path, rpc_endpoint
 
 
 class LlamaServer(Adapter):
@@ -43,6 +43,15 @@ class LlamaServer(Adapter):
             argv += ["--rpc", ",".join(endpoints)]
         if svc.metrics:
             argv.append("--metrics")
+        files: list[tuple[str, str]] = []
+        if svc.chat_template is not None:
+            # a built-in name goes through llama.cpp's own formatter: with Jinja on, the name
+            # would be taken as the text of a template
+            argv += ["--no-jinja", "--chat-template", svc.chat_template]
+        elif svc.chat_template_text is not None:
+            path = chat_template_path(node, name)
+            argv += ["--jinja", "--chat-template-file", path]
+            files.append((path, svc.chat_template_text))
         secrets: list[SecretFile] = []
         key = secret_file(name, svc.api_key, None)
         if key is not None:
@@ -50,7 +59,12 @@ class LlamaServer(Adapter):
             secrets.append(key)
         argv += svc.extra_args
         return self.spec(ctx, name, svc, node, argv, secrets=tuple(secrets), remote_after=tuple(remote),
-                         metrics_path="/metrics" if svc.metrics else None)
+                         metrics_path="/metrics" if svc.metrics else None, extra_files=tuple(files))
+
+
+def chat_template_path(node: Node, service: str) -> str:
+    """Where a service's chat_template_file lives on its node."""
+    return f"{base_dir(node)}/templates/{service}.jinja"
 
 
 ADAPTER = LlamaServer()

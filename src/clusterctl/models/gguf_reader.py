@@ -472,6 +472,14 @@ def group_tensor_bytes(tensors: Sequence[TensorInfo], n_layer: int) -> TensorGro
     return TensorGroupBytes(token_embd=token_embd, output=output, layers=layers, other=other)
 
 
+def has_chat_template(h: GGUFHeader) -> bool:
+    """The file carries a chat template llama-server would use: tokenizer.chat_template, or a
+    named one (tokenizer.chat_template.tool_use, which llama.cpp takes when the default is absent)."""
+    key = gguf.Keys.Tokenizer.CHAT_TEMPLATE
+    return any(isinstance(v, str) and v.strip() for k, v in h.metadata.items()
+               if k == key or k.startswith(key + "."))
+
+
 def gguf_to_meta(
     headers: Sequence[GGUFHeader],
     *,
@@ -567,6 +575,7 @@ def gguf_to_meta(
         head_dim_v_mla=v_mla,
         n_rot=_int(h.get(key(gguf.Keys.Rope.DIMENSION_COUNT))),
         recurrent=arch in RECURRENT_ARCHS,
+        has_chat_template=has_chat_template(h),
         tensor_bytes=group_tensor_bytes(tensors, n_layer),
         n_params=n_params or None,
     )

@@ -2,7 +2,7 @@
 
 This is the documented schema of `clusterctl inspect --json` and of the `models` entries of a
 lock file (see docs/metadata.md). Every size is in bytes. Everything the planner needs is
-here; nothing else of a GGUF (tokenizer arrays, chat template) is kept.
+here; nothing else of a GGUF (tokenizer arrays, the chat template's text) is kept.
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ class ModelMeta(BaseModel):
     head_dim_v_mla: int | None = Field(None, description="MLA: per-head value size after decompression")
     n_rot: int | None = None
     recurrent: bool = Field(False, description="recurrent/SSM layers (Mamba, RWKV): no growing KV")
+    has_chat_template: bool | None = Field(
+        None, description="GGUF: the file carries tokenizer.chat_template (without one llama-server "
+        "falls back to ChatML); None: not recorded (a lock file written before this field, or not a GGUF)")
 
     tensor_bytes: TensorGroupBytes = Field(default_factory=TensorGroupBytes)
     weight_dtype_bytes: float | None = Field(

@@ -240,6 +240,18 @@ def _fits_alone(est: LlamaEstimate, plans: dict[str, DevicePlan], host: DevicePl
     return True
 
 
+# the built-in chat template that is an architecture's own format, where one is unambiguous
+ARCH_CHAT_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma"}
+
+
+def missing_template_hint(architecture: str) -> str:
+    """How to give a llama-server a chat template when its GGUF carries none."""
+    name = ARCH_CHAT_TEMPLATES.get(architecture)
+    builtin = (f"chat_template: {name} (llama.cpp's built-in for {architecture})" if name
+               else "chat_template: NAME (one of llama.cpp's built-ins, see `llama-server --help`)")
+    return f"set {builtin} or chat_template_file: /path/to/template.jinja on the service"
+
+
 def make_plan(inv: Inventory, metas: dict[str, ModelMeta]) -> Plan:
     """Place every service and judge the fit. Pure: no I/O."""
     ledger = _Ledger(inv)
@@ -269,6 +281,13 @@ def make_plan(inv: Inventory, metas: dict[str, ModelMeta]) -> Plan:
             findings.append(Finding("error", name, f"no metadata for model '{svc.model}'",
                                     "run `clusterctl resolve` to pin it in the lock file"))
             continue
+        if (svc.engine == "llama-server" and meta is not None and meta.has_chat_template is False
+                and svc.chat_template is None and svc.chat_template_file is None):
+            findings.append(Finding(
+                "warning", name,
+                f"model '{svc.model}' carries no chat template (tokenizer.chat_template): llama-server "
+                "falls back to ChatML, which the model may not follow",
+                missing_template_hint(meta.architecture)))
         memory_model = adapter(svc.engine).memory_model
         if memory_model == "llama.cpp":
             assert meta is not None

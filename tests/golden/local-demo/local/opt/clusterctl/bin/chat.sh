@@ -15,4 +15,6 @@ exec /opt/clusterctl/engines/llama.cpp/bin/llama-server \
     --cache-type-v f16 \
     --flash-attn auto \
     --fit off \
-    --metrics
+    --metrics \
+    --no-jinja \
+    --chat-template gemma
