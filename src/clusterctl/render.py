@@ -264,8 +264,8 @@ def router_spec(inv: Inventory, plan_specs: list[LaunchSpec]) -> LaunchSpec:
         secrets.append(SecretFile(upstream_key_path(name), None, ref.describe()))
     return LaunchSpec(
         service=ROUTER_SERVICE.removeprefix("clusterctl-"), node=r.node, engine="router",
-        argv=(*(r.command or [f"{base}/venv/bin/clusterctl"]), "router", "serve", "--routes",
-              f"{base}/router/routes.json"),
+        argv=(*([*r.command, "router"] if r.command else [f"{base}/venv/bin/clusterctl-router"]), "serve",
+              "--routes", f"{base}/router/routes.json"),
         port=r.port, bind=r.bind, health_path=ROUTER_HEALTH, metrics_path="/metrics", startup_timeout=60.0,
         secrets=tuple(secrets),
     )

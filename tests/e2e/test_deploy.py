@@ -23,6 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from clusterctl.cli import app
+from clusterctl.deploy import router_wheel
 from clusterctl.errors import ExitCode
 from tests import assets
 from tests.e2e.testbed import Testbed
@@ -39,7 +40,7 @@ def inventory(tb: Testbed, tmp: Path, services: str, router: str = "") -> Path:
           name: testbed
           ssh: {{user: root, key: '{tb.key_path}', known_hosts: '{tb.known_hosts}', connect_timeout: 5s}}
           defaults: {{models_dir: /opt/models, link_speed: 1Gbit}}
-          engines: {{llama_cpp: '{assets.llama_bin_dir()}'}}
+          engines: {{llama_cpp: '{assets.llama_bin_dir()}', {assets.router_engine()}}}
         nodes:
           node1: {{address: {n1.ip}, ram: 4GiB}}
           node2: {{address: {n2.ip}, ram: 4GiB}}
@@ -97,7 +98,24 @@ router:
 """
 
 
+# the router as a user deploys it: no `command`, deploy installs it (cluster.engines.router)
+ROUTER_INSTALLED = """\
+router:
+  node: node1
+  port: 8000
+  default: [head]
+  routes: {analyze: [head]}
+"""
+
+
 NO_VERIFY = ("--phase", "acquire", "--phase", "router", "--phase", "services")
+
+
+def resolve(path: Path) -> Path:
+    """`clusterctl resolve`: pin the models' metadata in the lock file, as a user does before deploy."""
+    resolved = runner.invoke(app, ["resolve", str(path)])
+    assert resolved.exit_code == 0, resolved.output
+    return path
 
 
 def deploy(path: Path, *args: str, verify: bool = False) -> tuple[int, dict[str, object]]:
@@ -134,7 +152,7 @@ def chat(tb: Testbed, node: str, port: int, model: str) -> dict[str, object]:
 def test_seed000_shape_rpc_head_and_router(testbed_factory: Callable[..., Testbed], tmp_path: Path) -> None:
     testbed3 = testbed_factory(3)  # fresh nodes: the first deploy's steps are exact
     n2, n3 = testbed3.node("node2").ip, testbed3.node("node3").ip
-    path = inventory(testbed3, tmp_path, SEED000.replace("NODE2", n2).replace("NODE3", n3), ROUTER)
+    path = inventory(testbed3, tmp_path, SEED000.replace("NODE2", n2).replace("NODE3", n3), ROUTER_INSTALLED)
 
     before = snapshot(testbed3)
     code, dry = deploy(path, "--dry-run")
@@ -147,7 +165,13 @@ def test_seed000_shape_rpc_head_and_router(testbed_factory: Callable[..., Testbe
     nodes = first["nodes"]
     assert isinstance(nodes, dict)
     kinds = {n: sorted({s["kind"] for s in nodes[n]["steps"]}) for n in nodes}
-    assert kinds["node1"] == ["daemon-reload", "push-engine", "push-weight", "restart", "upload"]
+    assert kinds["node1"] == ["daemon-reload", "install-engine", "push-engine", "push-weight", "restart", "upload"]
+    router = testbed3.node("node1").run(["bash", "-c", "tr '\\0' ' ' < /proc/$(systemctl show -p MainPID --value "
+                                                       "clusterctl-router.service)/cmdline"]).stdout
+    assert router.startswith("/opt/clusterctl/venv-"), router  # the installed router, not the controller's
+    version = testbed3.node("node1").run(["/opt/clusterctl/venv/bin/python", "-c",
+                                          "import importlib.metadata as m; print(m.version('clusterctl-router'))"])
+    assert version.stdout.strip() == router_wheel.build(router_wheel.cache_folder()).version
     assert kinds["node2"] == ["daemon-reload", "push-engine", "restart", "upload"]  # no weights on workers
     answer = chat(testbed3, "node1", 8000, "analyze")
     assert answer["model"] == "head" or answer.get("choices"), answer
@@ -206,4 +230,23 @@ def test_missing_engine_is_refused_before_anything_is_written(testbed_factory: C
     assert code == ExitCode.DEPLOY_FAILED
     failed = data["nodes"]["node2"]["failed"]  # type: ignore[index]
     assert "engine(s) missing: /opt/clusterctl/engines/llama.cpp/bin/llama-server (llama.cpp for chat)" in failed
+    assert snapshot(tb) == before
+
+
+def test_a_router_node_without_python_311_is_refused_before_anything_is_written(
+        testbed_factory: Callable[..., Testbed], tmp_path: Path) -> None:
+    tb = testbed_factory(3)
+    # an interpreter that answers the version probe as Python 3.9 would
+    old = "/usr/local/bin/python3.9"
+    tb.node("node1").run(["bash", "-c", f"printf '#!/bin/sh\\necho 3 9\\n' > {old} && chmod 755 {old}"])
+    services = "chat: {engine: llama-server, node: node1, model: gemma, port: 8080, context: 1024}\n"
+    router = "router: {node: node1, port: 8000, default: [chat]}\n"
+    path = inventory(tb, tmp_path, services, router)
+    path.write_text(path.read_text().replace("router: {python: /usr/bin/python3,", f"router: {{python: {old},"))
+    before = snapshot(tb)
+    code, data = deploy(path, "node1")
+    assert code == ExitCode.DEPLOY_FAILED
+    assert data["nodes"]["node1"]["failed"] == (  # type: ignore[index]
+        f"node1: {old} is Python 3.9; the router needs Python 3.11 or newer (install it (Debian/Ubuntu: apt "
+        "install python3.11 python3.11-venv) and set cluster.engines.router.python to it; nothing was written)")
     assert snapshot(tb) == before

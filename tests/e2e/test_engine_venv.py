@@ -115,3 +115,31 @@ def test_upgrades_switch_the_link_keep_one_back_and_a_failed_one_changes_nothing
         assert venvs == sorted([v2.venv, v3.venv])  # v1 (two back) and the failed one are gone
     finally:
         transport.close()
+
+
+def test_pypis_exo_is_installed_for_real_and_refused_as_another_project(
+        testbed_factory: Callable[..., Testbed], tmp_path: Path) -> None:
+    tb = testbed_factory(1)
+    wheels = assets.wheelhouse() / "exo-pypi"
+    engine = f"exo: {{requirement: 'exo==0.1.2', python: /usr/bin/python3, find_links: '{wheels}'}}"
+    text = tb.cluster_yaml("namesake", engine) + textwrap.dedent(f"""\
+        nodes:
+          node1: {{address: {tb.node("node1").ip}, ram: 8GiB}}
+        models:
+          tiny: {{source: 'file://{assets.tiny_model_dir()}/config.json', format: mlx,
+                  files: [{", ".join(assets.TINY_FILES)}]}}
+        services:
+          swarm: {{engine: exo, node: node1, model: tiny, port: 52415}}
+        """)
+    path = tmp_path / "namesake.yaml"
+    path.write_text(text)
+    assert runner.invoke(app, ["resolve", str(path)]).exit_code == 0
+    code, data = deploy(path)
+    assert code == ExitCode.DEPLOY_FAILED, json.dumps(data, indent=1)
+    node = data["nodes"]["node1"]  # type: ignore[index]
+    assert node["failed"].startswith(
+        "node1: installing exo failed: exo==0.1.2 is another project of the same name: its exo runs "
+        "exo.cli:main, exo's runs exo.main:main")
+    listing = tb.node("node1").run(["ls", "-A", "/opt/clusterctl/engines"]).stdout.split()
+    assert [e for e in listing if not e.endswith(".log")] == []  # the venv removed, no link made
+    assert tb.node("node1").run(["test", "-e", "/opt/clusterctl/bin/swarm.sh"]).returncode == 1

@@ -18,7 +18,7 @@ import pytest
 from clusterctl.models.hf_config import meta_from_hf_config
 from clusterctl.planner.engines import vllm_kv_bytes_per_token
 from tests import assets
-from tests.e2e.test_deploy import deploy
+from tests.e2e.test_deploy import deploy, resolve
 from tests.e2e.test_engine_mlx import ANSWER
 from tests.e2e.testbed import Testbed, open_testbed
 
@@ -38,7 +38,7 @@ def _inventory(tb: Testbed, tmp: Path) -> Path:
         """)
     path = tmp / "vllm.yaml"
     path.write_text(text)
-    return path
+    return resolve(path)
 
 
 @pytest.fixture(scope="module")

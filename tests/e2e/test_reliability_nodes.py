@@ -96,7 +96,7 @@ def test_unknown_host_key_fails_that_node_only(testbed3: Testbed, tmp_path: Path
     assert isinstance(failed, str)
     assert failed.startswith(f"node2: unknown host key: {node2.ip} offered ssh-ed25519 {fingerprint(node2)}, "
                              f"which is not in {known_hosts}; nothing was run on it")
-    assert "`clusterctl trust node2` records it after you confirm" in failed
+    assert "`clusterctl trust -i INVENTORY node2` records it after you confirm" in failed
     assert steps(data, "node2") == []
     for name in ("node1", "node3"):  # the others proceed
         assert node_result(data, name)["ok"] is True and all_done(data, name)

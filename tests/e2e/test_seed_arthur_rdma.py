@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests import assets
-from tests.e2e.test_deploy import _package_for_nodes, deploy
+from tests.e2e.test_deploy import _package_for_nodes, deploy, resolve
 from tests.e2e.testbed import Testbed, open_testbed
 
 pytestmark = pytest.mark.real
@@ -49,7 +49,7 @@ def _inventory(tb: Testbed, tmp: Path) -> Path:
         """)
     path = tmp / "arthur-rdma.yaml"
     path.write_text(text)
-    return path
+    return resolve(path)
 
 
 @pytest.fixture(scope="module")

@@ -156,7 +156,7 @@ def test_unknown_host_key_is_refused_before_anything_runs(server: SSHServer, tmp
         transport(server, known_hosts).run(["touch", str(marker)])
     message = str(info.value)
     assert server.fingerprint() in message and "ssh-ed25519" in message
-    assert info.value.hint is not None and "clusterctl trust node1" in info.value.hint
+    assert info.value.hint is not None and "clusterctl trust -i INVENTORY node1" in info.value.hint
     assert not marker.exists()
     assert not known_hosts.exists()
 

@@ -60,6 +60,16 @@ def preflight(inv: Inventory, d: Desired, facts: NodeFacts, steps: list[Step], s
                               hint="install it (Debian/Ubuntu: apt install cmake g++ make curl python3-venv; "
                               "CUDA: the CUDA toolkit; ROCm: hipcc), or push a controller-side build with "
                               "cluster.engines.llama_cpp")
+    if "install-engine" in kinds:
+        for python, oldest in d.pythons.items():
+            have = facts.python_versions.get(python)
+            if python in facts.commands and have is not None and have < oldest:
+                found = f"Python {have[0]}.{have[1]}" if have != (0, 0) else "a program that does not run"
+                raise DeployError(f"{d.node}: {python} is {found}; the router needs Python "
+                                  f"{oldest[0]}.{oldest[1]} or newer",
+                                  hint=f"install it (Debian/Ubuntu: apt install python{oldest[0]}.{oldest[1]} "
+                                  f"python{oldest[0]}.{oldest[1]}-venv) and set cluster.engines.router.python "
+                                  "to it; nothing was written")
     need: dict[str, int] = {}
     for s in steps:
         if s.kind in FETCH_KINDS:

@@ -11,11 +11,20 @@ import json
 import os
 from pathlib import Path
 
+from clusterctl.deploy import router_wheel
 from clusterctl.deploy.managers import manager
 from clusterctl.deploy.model import ROUTER, Desired, EngineFile, SecretValue, WeightFile
 from clusterctl.engines import adapter, launch_specs
 from clusterctl.engines.base import PlannedContexts
-from clusterctl.engines.install import BACKEND_TOOLS, backends, llama_build, llama_targets, pip_engines, venv_install
+from clusterctl.engines.install import (
+    BACKEND_TOOLS,
+    backends,
+    llama_build,
+    llama_targets,
+    pip_engines,
+    router_venv,
+    venv_install,
+)
 from clusterctl.errors import ClusterctlError, ExitCode
 from clusterctl.inventory import Inventory, Node, SecretRef
 from clusterctl.layout import base_dir, llama_bin, model_dir
@@ -23,6 +32,8 @@ from clusterctl.lockfile import LockFile
 from clusterctl.models.remote import parse_source, source_url
 from clusterctl.render import Rendered
 from clusterctl.secretref import read_secret
+
+ROUTER_PYTHON = (3, 11)  # the oldest Python the router runs on
 
 
 class DeployError(ClusterctlError):
@@ -105,6 +116,8 @@ def build_desired(inv: Inventory, lock: LockFile, rendered: Rendered, plan: Plan
             install = venv_install(inv.nodes[node_name], engine, python_engine)
             out[node_name].venvs.append(install)
             out[node_name].commands.setdefault("install-engine", []).append(install.python)
+    if inv.router is not None and not inv.router.command:
+        _add_router_install(inv, out[inv.router.node], inv.nodes[inv.router.node])
     for spec in specs:
         provider = adapter(spec.engine).provider
         program = spec.container[0] if spec.container else spec.argv[0]
@@ -115,6 +128,20 @@ def build_desired(inv: Inventory, lock: LockFile, rendered: Rendered, plan: Plan
     for d in out.values():
         d.services.sort(key=lambda s: order.index(s) if s in order else len(order))
     return out
+
+
+def _add_router_install(inv: Inventory, d: Desired, node: Node) -> None:
+    """The controller's router as a wheel pushed to the router node and pip-installed into
+    /opt/clusterctl/venv (a new wheel restarts the router)."""
+    wheel = router_wheel.build(router_wheel.cache_folder())
+    path = f"{base_dir(node)}/router/wheels/{wheel.filename}"
+    d.engines.append(EngineFile(path, str(wheel.path), wheel.sha256, wheel.size))
+    install = router_venv(node, inv.cluster.engines.router, path, wheel.sha256)
+    d.venvs.append(install)
+    d.commands.setdefault("install-engine", []).append(install.python)
+    d.pythons[install.python] = ROUTER_PYTHON
+    for program in install.provides:
+        d.users.setdefault(program, []).append(ROUTER)
 
 
 def _add_weights(inv: Inventory, lock: LockFile, d: Desired, node: Node, model_name: str) -> None:

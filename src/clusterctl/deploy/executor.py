@@ -148,7 +148,10 @@ class Executor:
             what = {3: f"{v.python} could not create a venv (Debian/Ubuntu: apt install python3-venv)",
                     4: f"pip could not install {v.requirement}",
                     5: f"{v.requirement} has no {exe} executable",
-                    6: f"{v.link} exists and is not a symlink clusterctl made; move it away"}.get(r.rc, f"exit {r.rc}")
+                    6: f"{v.link} exists and is not a symlink clusterctl made; move it away",
+                    7: f"{v.requirement} is another project of the same name: its {exe} "
+                       f"{r.err.strip().removeprefix(exe + ' ')}, {v.engine}'s runs {v.entry_point}",
+                    }.get(r.rc, f"exit {r.rc}")
             raise DeployError(f"{self.d.node}: installing {v.engine} failed: {what}",
                               hint="the previous installation, if any, is untouched and still in use")
         self._record(v.link, {"venv": v.key, "requirement": v.requirement})

@@ -147,6 +147,16 @@ def parse_found(text: str) -> tuple[set[str], set[str]]:
     return set(before.split()), set(after.split())
 
 
+def parse_pythons(text: str) -> dict[str, tuple[int, int]]:
+    """Output of the interpreters' version probe: `COMMAND MAJOR MINOR` per line (0 0: it would not run)."""
+    out: dict[str, tuple[int, int]] = {}
+    for line in text.splitlines():
+        words = line.rsplit(None, 2)
+        if len(words) == 3 and words[1].isdigit() and words[2].isdigit():
+            out[words[0]] = (int(words[1]), int(words[2]))
+    return out
+
+
 def parse_manifest(data: bytes | None) -> dict[str, dict[str, object]]:
     if not data:
         return {}
@@ -172,7 +182,7 @@ def gpu_drift(node: Node, gpus: list[Gpu]) -> str | None:
 # -- gathering (I/O through the transport) --------------------------------------------------
 
 SECTIONS = ("uname", "memory", "nvidia", "stat", "sha", "wstat", "manager", "states", "listeners", "manifest",
-            "found")
+            "found", "pythons")
 
 
 def probe_argv(*, marker: str, base: str, manager: str, files: Sequence[str], weights: Sequence[str],
@@ -217,6 +227,7 @@ def parse_probe(node: str, text: str, marker: str, *, dirs: Sequence[str], handl
     manifest = out.get("manifest", "")
     facts.manifest = parse_manifest(manifest.encode() if manifest.strip() else None)
     facts.executables, facts.commands = parse_found(out.get("found", "") + "\n")
+    facts.python_versions = parse_pythons(out.get("pythons", ""))
     return facts
 
 

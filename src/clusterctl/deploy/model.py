@@ -67,6 +67,7 @@ class Desired:
     builds: list[tuple[LlamaBuild, WeightFile]] = field(default_factory=list)  # with the source archive
     venvs: list[VenvInstall] = field(default_factory=list)
     commands: dict[str, list[str]] = field(default_factory=dict)  # step kind -> commands it runs ("a|b": either)
+    pythons: dict[str, tuple[int, int]] = field(default_factory=dict)  # interpreter -> the oldest version it may be
 
     @property
     def systemd(self) -> bool:
@@ -117,3 +118,4 @@ class NodeFacts:
     has_manager: bool = False  # the node's service manager answers (systemctl / launchctl on PATH)
     executables: set[str] = field(default_factory=set)  # of the binaries asked about, those present
     commands: set[str] = field(default_factory=set)  # of the commands asked about, those on PATH
+    python_versions: dict[str, tuple[int, int]] = field(default_factory=dict)  # python* command -> (major, minor)

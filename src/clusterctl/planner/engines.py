@@ -62,14 +62,25 @@ class MlxShare:
         return self.weights + self.kv + self.overhead
 
 
-def mlx_kv_bytes(meta: ModelMeta, context: int, dtype_bytes: int = 2) -> int:
-    """fp16 KV cache of mlx-lm / exo for one sequence at `context` tokens. MLA models
-    (DeepSeek V3) cache the compressed latent plus the rope part: one row per layer."""
+MLX_KV_STEP = 256  # mlx-lm's KVCache grows in blocks of this many tokens (models/cache.py, KVCache.step)
+
+
+def mlx_kv_dtype_bytes(meta: ModelMeta) -> int:
+    """mlx-lm caches keys and values in the activations' dtype: float32 for a float32 model,
+    otherwise 16 bits (bf16/fp16 models, and quantized ones, whose activations are 16-bit)."""
+    return 4 if meta.weight_dtype_bytes == 4 else 2
+
+
+def mlx_kv_bytes(meta: ModelMeta, context: int, dtype_bytes: int | None = None) -> int:
+    """KV cache of mlx-lm / exo for one sequence at `context` tokens, as allocated: whole
+    blocks of MLX_KV_STEP tokens. MLA models (DeepSeek V3) cache the compressed latent plus the
+    rope part: one row per layer. Measured against mlx-lm: docs/accuracy.md."""
     if meta.kv_lora_rank is not None:
         per_layer = meta.kv_lora_rank + (meta.n_rot or 64)
     else:
         per_layer = meta.n_head_kv * (meta.head_dim_k + meta.head_dim_v)
-    return meta.n_layer * context * per_layer * dtype_bytes
+    tokens = -(-context // MLX_KV_STEP) * MLX_KV_STEP
+    return meta.n_layer * tokens * per_layer * (dtype_bytes or mlx_kv_dtype_bytes(meta))
 
 
 def split_mlx(meta: ModelMeta, context: int, memories: list[int]) -> list[MlxShare]:

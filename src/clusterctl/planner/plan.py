@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from clusterctl.engines import adapter
-from clusterctl.engines.install import archive_name, backend_label, llama_targets, pip_engines
+from clusterctl.engines.install import archive_name, backend_label, llama_targets, pip_engines, requirement_for
 from clusterctl.engines.ollama import DEFAULT_CONTEXT as OLLAMA_DEFAULT_CONTEXT
 from clusterctl.engines.vllm import cpu_kv_bytes, on_cpu
 from clusterctl.inventory import Inventory, Node, Service
@@ -277,7 +277,7 @@ def make_plan(inv: Inventory, metas: dict[str, ModelMeta]) -> Plan:
                                         None, 0, "fits", []))
             continue
         meta = metas.get(svc.model) if svc.model else None
-        if svc.model and meta is None:
+        if svc.model and meta is None and adapter(svc.engine).memory_model != "declared":
             findings.append(Finding("error", name, f"no metadata for model '{svc.model}'",
                                     "run `clusterctl resolve` to pin it in the lock file"))
             continue
@@ -572,8 +572,9 @@ def _steps(inv: Inventory, metas: dict[str, ModelMeta], services: list[ServicePl
         steps.append(Step("acquire", n, "build", f"llama.cpp {', '.join(sorted(targets))} from "
                           f"{archive_name(build.source)} ({backend_label(inv.nodes[n])})"))
     for n, engines in pip_engines(inv).items():
-        for _, python_engine in engines:
-            steps.append(Step("acquire", n, "install", f"{python_engine.requirement} (venv)"))
+        for engine, python_engine in engines:
+            requirement = requirement_for(inv.nodes[n], engine, python_engine)
+            steps.append(Step("acquire", n, "install", f"{requirement} (venv)"))
     for sp in services:
         if sp.model is None or sp.engine == "rpc-server":
             continue

@@ -141,7 +141,7 @@ class _RejectUnknownKey(paramiko.MissingHostKeyPolicy):
             f"{self.node}: unknown host key: {hostname} offered {key.get_name()} {fingerprint(key)}, "
             f"which is not in {self.known_hosts}; nothing was run on it",
             f"compare the fingerprint with `ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub` run on the node, "
-            f"then `clusterctl trust {self.node}` records it after you confirm",
+            f"then `clusterctl trust -i INVENTORY {self.node}` records it after you confirm",
             host=self.node)
 
 
@@ -414,7 +414,7 @@ class SSHTransport:
             f"{offered.get_name()} {fingerprint(offered)}; nothing was run and {self.known_hosts} "
             "was left unchanged",
             "if the node was reinstalled, check the new fingerprint on its console and record it "
-            f"with `clusterctl trust {self.host}` (replacing the old key); otherwise someone may be "
+            f"with `clusterctl trust -i INVENTORY {self.host}` (replacing the old key); otherwise someone may be "
             "intercepting the connection",
             host=self.host)
 

@@ -1,4 +1,4 @@
-"""`clusterctl trust NODE`: record a node's SSH host key in known_hosts once the user confirms.
+"""`clusterctl trust -i INVENTORY NODE`: record a node's SSH host key in known_hosts once the user confirms.
 
 The key is read from the node without authenticating (`ssh.scan_host_key`), shown as
 `node address type SHA256:...` to a `confirm` callback, and on yes appended to known_hosts

@@ -68,4 +68,11 @@ section found
 for f in "${binaries[@]}"; do if [ -x "$f" ]; then echo "$f"; fi; done
 echo "--"
 for c in "${commands[@]}"; do if command -v "$c" >/dev/null 2>&1; then echo "$c"; fi; done
+section pythons
+for c in "${commands[@]}"; do
+  case ${c##*/} in
+    python*) if command -v "$c" >/dev/null 2>&1; then
+               echo "$c $("$c" -c 'import sys; print(*sys.version_info[:2])' 2>/dev/null || echo 0 0)"; fi ;;
+  esac
+done
 true

@@ -4,11 +4,13 @@
 # $5 index URL, $6 find-links, $7 the executable it must provide, $8 packages to uninstall
 # after pip (space-separated; may be empty), $9 "DISTRIBUTION NAME LOCAL": a metadata-only
 # alias so the installed DISTRIBUTION also answers to NAME, at its version with the local
-# label LOCAL (may be empty). The previous venv is kept
+# label LOCAL (may be empty), $10 "MODULE:FUNCTION" the executable's console script must run
+# (may be empty: a project of the same name is refused by it). The previous venv is kept
 # (one back), older ones removed.
-# Exit codes: 3 no venv, 4 pip failed, 5 no such executable, 6 the link is not a symlink.
+# Exit codes: 3 no venv, 4 pip failed, 5 no such executable, 6 the link is not a symlink,
+# 7 the executable is another project's (its entry point is printed on stderr).
 set -euo pipefail
-python=$1 venv=$2 link=$3 req=$4 index=$5 links=$6 exe=$7 remove=${8:-} alias=${9:-}
+python=$1 venv=$2 link=$3 req=$4 index=$5 links=$6 exe=$7 remove=${8:-} alias=${9:-} entry=${10:-}
 name=$(basename "$venv")
 if [ -e "$link" ] && [ ! -L "$link" ]; then exit 6; fi
 prev=$(readlink "$link" 2>/dev/null || true)
@@ -48,6 +50,11 @@ PY
   then tail -n 30 "$venv.log" >&2; rm -rf "$venv"; exit 4; fi
 fi
 if [ ! -x "$venv/bin/$exe" ]; then rm -rf "$venv"; exit 5; fi
+if [ -n "$entry" ]; then
+  runs=$("$venv/bin/python" -c 'import importlib.metadata as m, sys
+print(" ".join(e.value for e in m.entry_points(group="console_scripts", name=sys.argv[1])))' "$exe")
+  if [ "$runs" != "$entry" ]; then echo "$exe runs ${runs:-nothing}" >&2; rm -rf "$venv"; exit 7; fi
+fi
 ln -sfn "$name" "$link.new"
 mv -fT "$link.new" "$link"
 for old in "$link"-*/; do

@@ -4,4 +4,4 @@ set -euo pipefail
 export EXO_HOME=/usr/local/clusterctl/exo
 export EXO_MODELS_DIR=/Users/arthurdell/models
 exec /usr/local/clusterctl/engines/exo/bin/exo \
-    --chatgpt-api-port 52415
+    --api-port 52415
