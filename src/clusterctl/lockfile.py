@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from clusterctl.errors import InventoryError, MetadataError
 from clusterctl.inventory import Inventory
-from clusterctl.models.meta import ModelMeta
+from clusterctl.models.meta import FilePin, ModelMeta
 
 LOCK_VERSION = 1
 
@@ -26,6 +26,9 @@ class LockedModel(BaseModel):
     source: str
     revision: str | None = None
     meta: ModelMeta
+    # hub sources: each file's size and sha256 at `revision`, keyed like meta.files; absent in
+    # lock files written before pins (deploy then checks sizes only where it knows them)
+    files: dict[str, FilePin] | None = None
 
 
 class LockFile(BaseModel):
