@@ -497,7 +497,8 @@ def inspect(
 @handled
 def estimate(
     model: ModelArg,
-    ctx: Annotated[int | None, typer.Option("--ctx", "-c", help="context tokens (default: training context)")] = None,
+    ctx: Annotated[int | None, typer.Option("--ctx", "-c", min=1,
+                                            help="context tokens (default: training context)")] = None,
     cache_type_k: Annotated[str, typer.Option("--cache-type-k", "-ctk")] = "f16",
     cache_type_v: Annotated[str, typer.Option("--cache-type-v", "-ctv")] = "f16",
     flash_attn: Annotated[bool, typer.Option("--flash-attn/--no-flash-attn", "-fa/-nofa")] = True,
@@ -505,7 +506,7 @@ def estimate(
     kv_unified: Annotated[bool, typer.Option("--kv-unified", help="one KV pool shared by all slots")] = False,
     ubatch: Annotated[int, typer.Option("--ubatch", "-ub", min=1)] = 512,
     batch: Annotated[int, typer.Option("--batch", "-b", min=1)] = 2048,
-    gpu_layers: Annotated[int, typer.Option("--gpu-layers", "-ngl")] = 999,
+    gpu_layers: Annotated[int, typer.Option("--gpu-layers", "-ngl", min=0)] = 999,
     swa_full: Annotated[bool, typer.Option("--swa-full")] = False,
     devices: Annotated[str | None, typer.Option(
         help="comma-separated device memory, e.g. 24GiB,24GiB (RPC workers count as devices); "
@@ -579,6 +580,7 @@ def resolve(
     report = []
     for name, model in inv.models.items():
         entry = old.models.get(name)
+    from clusterctl.inventory import LLAMA_CPP_MAX_PARALLEL, LLAMA_CPP_QUANTIZED_CACHE
         if entry is not None and entry.source == model.source and not refresh:
             if entry.files is None and model.source.startswith("hf://"):  # a lock from before per-file pins
                 entry = entry.model_copy(update={"files": hub_pins(
@@ -591,6 +593,14 @@ def resolve(
         pins = hub_pins(model.source, meta.files, format=meta.format, revision=meta.revision, token=token,
                         endpoint=endpoint)
         models[name] = LockedModel(source=model.source, revision=meta.revision, meta=meta, files=pins or None)
+    if parallel > LLAMA_CPP_MAX_PARALLEL:
+        raise UsageError(f"--parallel {parallel}: llama.cpp serves at most {LLAMA_CPP_MAX_PARALLEL} slots",
+                         f"--parallel 1..{LLAMA_CPP_MAX_PARALLEL}")
+    if not all(0 <= x < float("inf") for x in split):
+        raise UsageError(f"--tensor-split {tensor_split}: each share must be a finite number >= 0", "e.g. 3,1")
+    if not flash_attn and cache_type_v in LLAMA_CPP_QUANTIZED_CACHE:
+        raise UsageError(f"--cache-type-v {cache_type_v} with --no-flash-attn: llama.cpp refuses a quantized V "
+                         "cache without flash attention", "drop --no-flash-attn, or --cache-type-v f16")
         report.append({"model": name, "action": "read", "revision": meta.revision,
                        "bytes_read": meta.header_bytes_read})
         if not json:
