@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from clusterctl.errors import ClusterctlError, ExitCode
 
@@ -26,9 +27,59 @@ if TYPE_CHECKING:  # the commands import these when they run
     from clusterctl.planner import Plan
     from clusterctl.transport import Transport
 
+_ARGV = "clusterctl.argv"
+# the exception click raises for a bad command line, from the click that typer parses with (newer
+# typer releases carry their own copy)
+_ClickException: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    """Whether --json is among the options of a command line (not after `--`)."""
+    options = argv[:list(argv).index("--")] if "--" in argv else argv
+    return "--json" in options
+
+
+def _error_document(code: int, message: str, hint: str | None, location: str | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "hint": hint, "location": location}}
+
+
+def _usage_error_json(exc: Any, argv: Sequence[str]) -> None:
+    """With --json given, a command-line error also goes to stdout as the error document; click
+    then prints it for people and exits with its code (2) as without --json."""
+    if not _wants_json(argv):
+        return
+    from clusterctl import ui
+
+    ctx = getattr(exc, "ctx", None)
+    hint = f"see `{ctx.command_path} --help`" if ctx is not None else None
+    ui.print_json(_error_document(exc.exit_code, exc.format_message(), hint))
+
+
+class _Commands(TyperGroup):
+    """The command group: command-line errors become JSON too when --json was given."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        argv = list(args)
+        try:
+            ctx = super().make_context(info_name, args, parent, **extra)
+        except _ClickException as exc:
+            _usage_error_json(exc, argv)
+            raise
+        ctx.meta[_ARGV] = argv
+        return ctx
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _ClickException as exc:  # the command's own options and arguments
+            _usage_error_json(exc, ctx.meta.get(_ARGV, []))
+            raise
+
+
 app = typer.Typer(
     name="clusterctl",
     help="Plan, render and deploy self-hosted LLM clusters.",
+    cls=_Commands,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -53,26 +104,36 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output o
 
 def handled(func: F) -> F:
     """Map typed errors to exit codes; unexpected exceptions are bugs and show a stack
-    (frames only, never local variables)."""
+    (frames only, never local variables). With --json, stdout gets the error document too:
+    {"error": {"code", "message", "hint", "location"}}, so it always holds one JSON document."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from clusterctl import ui
 
+        as_json = kwargs.get("json") is True
         try:
             return func(*args, **kwargs)
         except ClusterctlError as exc:
             ui.error(exc)
+            if as_json:
+                ui.print_json(exc.to_json())
             raise typer.Exit(int(exc.exit_code)) from None
         except KeyboardInterrupt:
-            ui.err.print("interrupted: steps already running were let finish, nothing is half-written; "
-                         "run the command again to continue (deploy reconciles from the nodes' state)")
+            message = ("interrupted: steps already running were let finish, nothing is half-written")
+            hint = "run the command again to continue (deploy reconciles from the nodes' state)"
+            ui.err.print(f"{message}; {hint}")
+            if as_json:
+                ui.print_json(_error_document(130, message, hint))
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
-        except Exception:
+        except Exception as exc:
             ui.bug("clusterctl hit a bug; please report it with this trace:\n"
                    + "".join(traceback.format_exc(limit=20)))
+            if as_json:
+                ui.print_json(_error_document(int(ExitCode.FAILURE), f"clusterctl hit a bug: {type(exc).__name__}",
+                                              "please report it with the trace printed on stderr"))
             raise typer.Exit(int(ExitCode.FAILURE)) from None
 
     return wrapper  # type: ignore[return-value]
@@ -330,7 +391,7 @@ def deploy(
         if checked is not None:
             ui.verify_table(checked)
     if not result.ok:
-        raise typer.Exit(int(result.exit_code))
+        raise typer.Exit(int(ExitCode.DEPLOY_FAILED))
     if checked is not None and not checked.ok:
         raise typer.Exit(int(ExitCode.VERIFY_FAILED))
 
@@ -497,8 +558,7 @@ def inspect(
 @handled
 def estimate(
     model: ModelArg,
-    ctx: Annotated[int | None, typer.Option("--ctx", "-c", min=1,
-                                            help="context tokens (default: training context)")] = None,
+    ctx: Annotated[int | None, typer.Option("--ctx", "-c", help="context tokens (default: training context)")] = None,
     cache_type_k: Annotated[str, typer.Option("--cache-type-k", "-ctk")] = "f16",
     cache_type_v: Annotated[str, typer.Option("--cache-type-v", "-ctv")] = "f16",
     flash_attn: Annotated[bool, typer.Option("--flash-attn/--no-flash-attn", "-fa/-nofa")] = True,
@@ -506,7 +566,7 @@ def estimate(
     kv_unified: Annotated[bool, typer.Option("--kv-unified", help="one KV pool shared by all slots")] = False,
     ubatch: Annotated[int, typer.Option("--ubatch", "-ub", min=1)] = 512,
     batch: Annotated[int, typer.Option("--batch", "-b", min=1)] = 2048,
-    gpu_layers: Annotated[int, typer.Option("--gpu-layers", "-ngl", min=0)] = 999,
+    gpu_layers: Annotated[int, typer.Option("--gpu-layers", "-ngl")] = 999,
     swa_full: Annotated[bool, typer.Option("--swa-full")] = False,
     devices: Annotated[str | None, typer.Option(
         help="comma-separated device memory, e.g. 24GiB,24GiB (RPC workers count as devices); "
@@ -567,7 +627,6 @@ def resolve(
     from clusterctl import ui
     from clusterctl.lockfile import LockedModel, LockFile, lock_path, read_lock, write_lock
     from clusterctl.models.fetch import read_meta
-    from clusterctl.models.pins import hub_pins
     from clusterctl.secretref import read_secret
 
     inv = _load(inventory)
@@ -580,27 +639,12 @@ def resolve(
     report = []
     for name, model in inv.models.items():
         entry = old.models.get(name)
-    from clusterctl.inventory import LLAMA_CPP_MAX_PARALLEL, LLAMA_CPP_QUANTIZED_CACHE
         if entry is not None and entry.source == model.source and not refresh:
-            if entry.files is None and model.source.startswith("hf://"):  # a lock from before per-file pins
-                entry = entry.model_copy(update={"files": hub_pins(
-                    model.source, entry.meta.files, format=entry.meta.format, revision=entry.revision,
-                    token=token, endpoint=endpoint) or None})
             models[name] = entry
             report.append({"model": name, "action": "kept", "revision": entry.revision, "bytes_read": 0})
             continue
         meta = read_meta(model.source, format=model.format, token=token, endpoint=endpoint)
-        pins = hub_pins(model.source, meta.files, format=meta.format, revision=meta.revision, token=token,
-                        endpoint=endpoint)
-        models[name] = LockedModel(source=model.source, revision=meta.revision, meta=meta, files=pins or None)
-    if parallel > LLAMA_CPP_MAX_PARALLEL:
-        raise UsageError(f"--parallel {parallel}: llama.cpp serves at most {LLAMA_CPP_MAX_PARALLEL} slots",
-                         f"--parallel 1..{LLAMA_CPP_MAX_PARALLEL}")
-    if not all(0 <= x < float("inf") for x in split):
-        raise UsageError(f"--tensor-split {tensor_split}: each share must be a finite number >= 0", "e.g. 3,1")
-    if not flash_attn and cache_type_v in LLAMA_CPP_QUANTIZED_CACHE:
-        raise UsageError(f"--cache-type-v {cache_type_v} with --no-flash-attn: llama.cpp refuses a quantized V "
-                         "cache without flash attention", "drop --no-flash-attn, or --cache-type-v f16")
+        models[name] = LockedModel(source=model.source, revision=meta.revision, meta=meta)
         report.append({"model": name, "action": "read", "revision": meta.revision,
                        "bytes_read": meta.header_bytes_read})
         if not json:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from enum import IntEnum
+from typing import Any
 
 
 class ExitCode(IntEnum):
@@ -19,22 +19,6 @@ class ExitCode(IntEnum):
     VERIFY_FAILED = 9  # a verify check failed
 
 
-# Several nodes failing in different ways exit with the first code here that occurred. A bug
-# first (it wants a report); then a mistake in the command line, the inventory or the lock
-# (the user must edit something; running again cannot help, and it likely fails every node);
-# then an unreachable node or endpoint (the network: running again may help); then the
-# cluster lock; then a node whose rollout itself failed; then verify.
-SEVERITY = (ExitCode.FAILURE, ExitCode.USAGE, ExitCode.INVALID_INVENTORY, ExitCode.METADATA,
-            ExitCode.DOES_NOT_FIT, ExitCode.NETWORK, ExitCode.LOCKED, ExitCode.DEPLOY_FAILED,
-            ExitCode.VERIFY_FAILED)
-
-
-def most_severe(codes: Iterable[ExitCode]) -> ExitCode:
-    """The most severe of `codes` by SEVERITY; OK when there are none."""
-    found = set(codes) - {ExitCode.OK}
-    return min(found, key=SEVERITY.index) if found else ExitCode.OK
-
-
 class ClusterctlError(Exception):
     """Base of every error the user can act on."""
 
@@ -47,6 +31,23 @@ class ClusterctlError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def to_json(self) -> dict[str, Any]:
+        """The error document `--json` prints on stdout: {"error": {code, message, hint, location}}."""
+        return {"error": error_fields(self)}
+
+
+def error_fields(exc: ClusterctlError) -> dict[str, Any]:
+    location = getattr(exc, "location", "") or None
+    return {"code": int(exc.exit_code), "message": exc.message, "hint": exc.hint, "location": location}
+
+
+class HintedValueError(ValueError):
+    """A ValueError from a field validator that carries a hint for the InventoryError it becomes."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 class UsageError(ClusterctlError):
@@ -92,6 +93,13 @@ class InventoryErrors(InventoryError):
         super().__init__(first.message, first.hint, file=first.file, line=first.line,
                          column=first.column)
         self.errors = errors
+
+    def to_json(self) -> dict[str, Any]:
+        """The first error as for one, and every error under "errors" (the first included)."""
+        doc = super().to_json()
+        if len(self.errors) > 1:
+            doc["error"]["errors"] = [error_fields(e) for e in self.errors]
+        return doc
 
 
 class MetadataError(ClusterctlError):

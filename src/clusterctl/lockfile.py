@@ -10,12 +10,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from clusterctl.errors import InventoryError, MetadataError
 from clusterctl.inventory import Inventory
-from clusterctl.models.meta import FilePin, ModelMeta
+from clusterctl.models.meta import ModelMeta
+from clusterctl.yamlsrc import read_text_file
 
 LOCK_VERSION = 1
 
@@ -26,9 +28,6 @@ class LockedModel(BaseModel):
     source: str
     revision: str | None = None
     meta: ModelMeta
-    # hub sources: each file's size and sha256 at `revision`, keyed like meta.files; absent in
-    # lock files written before pins (deploy then checks sizes only where it knows them)
-    files: dict[str, FilePin] | None = None
 
 
 class LockFile(BaseModel):
@@ -42,15 +41,28 @@ def lock_path(inventory_path: Path) -> Path:
     return inventory_path.with_suffix(".lock")
 
 
+MAX_LOCK_BYTES = 64 << 20
+
+_REWRITE = "delete it and run `clusterctl resolve` to write it again"
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
 def read_lock(path: Path) -> LockFile:
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return LockFile()
+    text = read_text_file(path, "the lock file", _REWRITE, limit=MAX_LOCK_BYTES)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
-        raise InventoryError(f"lock file is not valid JSON: {exc.msg}",
-                             hint="delete it and run `clusterctl resolve` to write it again",
+        raise InventoryError(f"lock file is not valid JSON: {exc.msg}", hint=_REWRITE,
                              file=str(path), line=exc.lineno, column=exc.colno) from None
+    except (ValueError, RecursionError) as exc:  # NaN/Infinity, or nesting deeper than Python's stack
+        detail = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
+        raise InventoryError(f"lock file is not valid JSON: {detail}", hint=_REWRITE,
+                             file=str(path)) from None
     try:
         return LockFile.model_validate(data)
     except ValidationError as exc:
@@ -63,7 +75,15 @@ def read_lock(path: Path) -> LockFile:
 def write_lock(path: Path, lock: LockFile) -> None:
     """Atomic write: temp file in the same directory, fsync, rename."""
     text = json.dumps(lock.model_dump(mode="json", exclude_none=True), indent=1, sort_keys=True) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    if path.is_dir():
+        raise InventoryError("the lock file is a directory, not a file",
+                             hint="move the directory away; resolve writes the lock file there", file=str(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise InventoryError(f"cannot write the lock file: {exc.strerror or exc}",
+                             hint=f"resolve writes it next to the inventory; check that {path.parent} "
+                             "is a writable directory", file=str(path)) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from clusterctl.errors import ClusterctlError
+from clusterctl.errors import InventoryError
 from clusterctl.inventory import SecretRef
 
 
@@ -22,5 +22,7 @@ def read_secret(ref: SecretRef | None) -> str | None:
         return path.read_text(encoding="utf-8").strip() or None
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        raise ClusterctlError(f"cannot read the secret file {path}: {exc.strerror}") from None
+    except (OSError, UnicodeDecodeError) as exc:  # never the bytes themselves: they may be the secret
+        detail = "it is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror
+        raise InventoryError(f"cannot read the secret file: {detail}",
+                             hint="it holds the secret as one line of text (mode 0600)", file=str(path)) from None

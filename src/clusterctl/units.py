@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
+
+from clusterctl.errors import HintedValueError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?B|B)?\s*$", re.IGNORECASE)
 _FACTORS = {
@@ -16,6 +19,16 @@ _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(bit|bps|B)(?:/s)?\s*$")
 
 MIB = 2**20
 GIB = 2**30
+MAX_SIZE = 2**60  # 1 EiB: far beyond any device, and exact in a float
+MAX_DURATION = 366 * 86400.0  # a year
+MAX_RATE = 1e15  # bytes/s: 8 Pbit/s
+_SIZE_HINT = "write e.g. '80GiB' (binary, 2^30 bytes) or '77.3GB' (decimal, 10^9 bytes)"
+
+
+def _shown(value: object) -> str:
+    """A value quoted for a message, cut short when it is long."""
+    text = str(value)
+    return repr(text if len(text) <= 40 else text[:20] + "..." + text[-8:])
 
 
 def parse_size(value: str | int) -> int:
@@ -25,6 +38,9 @@ def parse_size(value: str | int) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError("a size cannot be negative")
+        if value > MAX_SIZE:
+            raise HintedValueError(f"{_shown(value)} bytes is larger than 1 EiB: not a size any device has",
+                                   _SIZE_HINT)
         return value
     m = _SIZE_RE.match(value)
     if not m:
@@ -32,7 +48,10 @@ def parse_size(value: str | int) -> int:
     number, unit = m.groups()
     if unit is None:
         raise ValueError(f"'{value}' has no unit; write '{value}GiB' or '{value}GB' (GiB = 2^30 bytes)")
-    return int(float(number) * _FACTORS[unit.upper()])
+    size = float(number) * _FACTORS[unit.upper()]
+    if not size <= MAX_SIZE:  # also inf, from a number too long for a float
+        raise HintedValueError(f"{_shown(value)} is larger than 1 EiB: not a size any device has", _SIZE_HINT)
+    return int(size)
 
 
 def parse_duration(value: str | float | int) -> float:
@@ -40,23 +59,34 @@ def parse_duration(value: str | float | int) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as '5s'")
     if isinstance(value, (int, float)):
-        return float(value)
-    m = _DURATION_RE.match(value)
-    if not m:
-        raise ValueError(f"'{value}' is not a duration; write e.g. '5s', '250ms' or '2m'")
-    number, unit = m.groups()
-    return float(number) * _DURATION_FACTORS[unit or "s"]
+        seconds = float(value)
+    elif not isinstance(value, str):
+        raise ValueError("expected a duration such as '5s'")
+    else:
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise ValueError(f"'{value}' is not a duration; write e.g. '5s', '250ms' or '2m'")
+        number, unit = m.groups()
+        seconds = float(number) * _DURATION_FACTORS[unit or "s"]
+    if math.isnan(seconds) or abs(seconds) > MAX_DURATION:  # also inf and .nan from YAML
+        raise HintedValueError(f"{_shown(value)} is not a duration a cluster waits for (at most a year)",
+                               "write e.g. '30s', '250ms', '10m' or '2h'")
+    return seconds
 
 
 def parse_rate(value: str) -> float:
     """Bytes per second from '1Gbit', '100Mbit/s', '50MB/s'."""
-    m = _RATE_RE.match(value)
+    m = _RATE_RE.match(value) if isinstance(value, str) else None
     if not m:
         raise ValueError(f"'{value}' is not a link speed; write e.g. '1Gbit' or '100MB/s'")
     number, prefix, unit = m.groups()
     scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[prefix]
     bits = unit in ("bit", "bps")
-    return float(number) * scale / (8 if bits else 1)
+    rate = float(number) * scale / (8 if bits else 1)
+    if not rate <= MAX_RATE:
+        raise HintedValueError(f"{_shown(value)} is faster than any link (at most 8 Pbit/s)",
+                               "write the link's speed, e.g. '1Gbit', '25Gbit' or '100MB/s'")
+    return rate
 
 
 def fmt_gib(n: int | float, digits: int = 1) -> str:

@@ -43,6 +43,6 @@ def load_meta_json(path: Path) -> ModelMeta:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         return ModelMeta.model_validate(data.get("meta", data))
-    except (json.JSONDecodeError, ValidationError, AttributeError) as exc:
+    except (OSError, ValueError, RecursionError, ValidationError, AttributeError) as exc:  # ValueError: JSON, UTF-8
         raise MetadataError(f"{path} is not model metadata: {str(exc).splitlines()[0]}",
                             "write it with `clusterctl inspect MODEL --json`") from None
