@@ -49,6 +49,13 @@ def _secret_value(ref: str) -> bytes:
     return (value + "\n").encode()
 
 
+def _secret_if_set(ref: str) -> bytes | None:
+    try:
+        return _secret_value(ref)
+    except DeployError:
+        return None
+
+
 def _hash_cache_path() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return Path(base) / "clusterctl" / "file-hashes.json"
@@ -79,9 +86,11 @@ def file_sha256(path: str) -> str:
     return str(cache[key])
 
 
-def build_desired(inv: Inventory, lock: LockFile, rendered: Rendered, plan: PlannedContexts | None = None
-                  ) -> dict[str, Desired]:
-    """What each node should hold: rendered files, secrets, weights, engines, services."""
+def build_desired(inv: Inventory, lock: LockFile, rendered: Rendered, plan: PlannedContexts | None = None,
+                  *, read_secrets: bool = True) -> dict[str, Desired]:
+    """What each node should hold: rendered files, secrets, weights, engines, services.
+    `read_secrets=False` (a dry run): the secrets' values are not needed; one that is set is
+    compared, one that is not is shown as not compared."""
     specs = launch_specs(inv, plan)
     out: dict[str, Desired] = {}
     for name, node in inv.nodes.items():
@@ -89,10 +98,10 @@ def build_desired(inv: Inventory, lock: LockFile, rendered: Rendered, plan: Plan
         out[name] = Desired(node=name, base=base_dir(node), manager=node.manager)
     for f in rendered.files:
         out[f.node].files.append(f)
-    values: dict[str, bytes] = {}
+    values: dict[str, bytes | None] = {}
     for node_name, secret in rendered.secrets:
         if secret.ref not in values:
-            values[secret.ref] = _secret_value(secret.ref)
+            values[secret.ref] = _secret_value(secret.ref) if read_secrets else _secret_if_set(secret.ref)
         out[node_name].secrets.append(SecretValue(secret.path, secret.ref, values[secret.ref]))
     order = [s.service for s in specs]
     started = [(s.node, s.service) for s in specs] + ([(inv.router.node, ROUTER)] if inv.router else [])
@@ -166,9 +175,15 @@ def _add_weights(inv: Inventory, lock: LockFile, d: Desired, node: Node, model_n
             d.weights.append(WeightFile(path, size, sha, local=base))
         else:
             sub = src.with_path(f"{src.path.rsplit('/', 1)[0]}/{fname}" if "/" in src.path else fname)
-            size = total if len(names) == 1 else 0
-            sha = model.sha256 if len(names) == 1 else None
-            d.weights.append(WeightFile(path, size or (model.size or 0), sha,
+            pin = (entry.files or {}).get(fname) if entry is not None and meta is not None else None
+            # the model's size: the one file's size, never a part's (a part's comes from its pin)
+            size = pin.size if pin is not None else (total if len(names) == 1 else 0)
+            sha = model.sha256 if len(names) == 1 and model.sha256 else (pin.sha256 if pin else None)
+            if pin is not None and pin.sha256 and sha != pin.sha256:
+                raise DeployError(f"models.{model_name}: sha256 {sha} differs from the hub's {pin.sha256} "
+                                  f"for {fname} at revision {entry.revision if entry else '-'}",
+                                  hint="fix models.*.sha256 in the inventory, or run `clusterctl resolve --refresh`")
+            d.weights.append(WeightFile(path, size, sha,
                                         url=source_url(sub, endpoint=inv.cluster.huggingface.endpoint),
                                         hub=src.scheme == "hf"))
 
