@@ -558,7 +558,8 @@ def inspect(
 @handled
 def estimate(
     model: ModelArg,
-    ctx: Annotated[int | None, typer.Option("--ctx", "-c", help="context tokens (default: training context)")] = None,
+    ctx: Annotated[int | None, typer.Option("--ctx", "-c", min=1,
+                                            help="context tokens (default: training context)")] = None,
     cache_type_k: Annotated[str, typer.Option("--cache-type-k", "-ctk")] = "f16",
     cache_type_v: Annotated[str, typer.Option("--cache-type-v", "-ctv")] = "f16",
     flash_attn: Annotated[bool, typer.Option("--flash-attn/--no-flash-attn", "-fa/-nofa")] = True,
@@ -566,7 +567,7 @@ def estimate(
     kv_unified: Annotated[bool, typer.Option("--kv-unified", help="one KV pool shared by all slots")] = False,
     ubatch: Annotated[int, typer.Option("--ubatch", "-ub", min=1)] = 512,
     batch: Annotated[int, typer.Option("--batch", "-b", min=1)] = 2048,
-    gpu_layers: Annotated[int, typer.Option("--gpu-layers", "-ngl")] = 999,
+    gpu_layers: Annotated[int, typer.Option("--gpu-layers", "-ngl", min=0)] = 999,
     swa_full: Annotated[bool, typer.Option("--swa-full")] = False,
     devices: Annotated[str | None, typer.Option(
         help="comma-separated device memory, e.g. 24GiB,24GiB (RPC workers count as devices); "
@@ -579,6 +580,7 @@ def estimate(
 
     from clusterctl import ui
     from clusterctl.errors import UsageError
+    from clusterctl.inventory import LLAMA_CPP_MAX_PARALLEL, LLAMA_CPP_QUANTIZED_CACHE
     from clusterctl.models.fetch import read_meta
     from clusterctl.planner.llama import CACHE_TYPES, Device, LlamaParams, estimate_llama
     from clusterctl.units import MIB, parse_size
@@ -591,6 +593,14 @@ def estimate(
         split = tuple(float(x) for x in tensor_split.split(",")) if tensor_split else ()
     except ValueError as exc:
         raise UsageError(str(exc), "e.g. --devices 24GiB,24GiB --tensor-split 3,1") from None
+    if parallel > LLAMA_CPP_MAX_PARALLEL:
+        raise UsageError(f"--parallel {parallel}: llama.cpp serves at most {LLAMA_CPP_MAX_PARALLEL} slots",
+                         f"--parallel 1..{LLAMA_CPP_MAX_PARALLEL}")
+    if not all(0 <= x < float("inf") for x in split):
+        raise UsageError(f"--tensor-split {tensor_split}: each share must be a finite number >= 0", "e.g. 3,1")
+    if not flash_attn and cache_type_v in LLAMA_CPP_QUANTIZED_CACHE:
+        raise UsageError(f"--cache-type-v {cache_type_v} with --no-flash-attn: llama.cpp refuses a quantized V "
+                         "cache without flash attention", "drop --no-flash-attn, or --cache-type-v f16")
     meta = read_meta(model, token=os.environ.get("HF_TOKEN") or None)
     params = LlamaParams(n_ctx=ctx, n_parallel=parallel, kv_unified=kv_unified, cache_type_k=cache_type_k,
                          cache_type_v=cache_type_v, flash_attn=flash_attn, n_batch=batch, n_ubatch=ubatch,

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -38,6 +40,16 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 Engine = Literal["llama-server", "rpc-server", "vllm", "ollama", "exo", "mlx-lm", "custom"]
 AcceleratorKind = Literal["cuda", "rocm", "vulkan", "metal", "npu", "cpu"]
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+UNIX_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+
+# llama.cpp's own limits, as the pinned source states them (the inventory may not import the
+# engine adapters, so the validation that cites them lives here; engines/llama_server.py reads
+# them from here). llama-server's --parallel is the context's n_seq_max, which
+# src/llama-context.cpp refuses above LLAMA_MAX_SEQ (src/llama-cparams.h); the same file refuses
+# a quantized V cache with flash attention off ("quantized V cache requires flash_attn"). Its RPC
+# transport (ggml/src/ggml-rpc/transport.cpp) is IPv4 only: AF_INET sockets, inet_addr().
+LLAMA_CPP_MAX_PARALLEL = 256
+LLAMA_CPP_QUANTIZED_CACHE = ("q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
 
 def check_name(value: str, what: str = "name") -> str:
@@ -61,8 +73,24 @@ def _duration(value: Any) -> float:
     return parse_duration(value)
 
 
+def _positive_duration(value: float) -> float:
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{value:g} s is not a time limit: give a positive duration such as '10s' or '5m'")
+    return value
+
+
+def _bind(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except (ValueError, TypeError):
+        raise ValueError(f"bind {value!r} must be an IP address (e.g. 127.0.0.1, 10.0.0.5 or ::1)") from None
+    return value
+
+
 Size = Annotated[int, BeforeValidator(_size)]
 Duration = Annotated[float, BeforeValidator(_duration)]
+Timeout = Annotated[float, BeforeValidator(_duration), AfterValidator(_positive_duration)]
+Bind = Annotated[str, AfterValidator(_bind)]
 Name = Annotated[str, BeforeValidator(check_name)]
 
 
@@ -104,7 +132,21 @@ class SSHDefaults(Strict):
     port: int = Field(22, ge=1, le=65535)
     key: str | None = None
     known_hosts: str = "~/.ssh/known_hosts"
-    connect_timeout: Duration = 10.0
+    connect_timeout: Timeout = 10.0
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        if not UNIX_USER_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid user name")
+        return v
+
+    @field_validator("key", "known_hosts")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "\n" in v or "\x00" in v):
+            raise ValueError(f"{v!r} must be a path on one line")
+        return v
 
 
 class HuggingFace(Strict):
@@ -128,7 +170,14 @@ class Defaults(Strict):
     @field_validator("link_speed")
     @classmethod
     def _rate(cls, v: str) -> str:
-        parse_rate(v)
+        if not parse_rate(v) > 0:
+            raise ValueError(f"link_speed {v!r} would make every download take forever: give a speed above 0")
+        return v
+
+    @field_validator("models_dir")
+    @classmethod
+    def _abs(cls, v: str) -> str:
+        _check_abs_path(v)
         return v
 
 
@@ -288,7 +337,7 @@ class Cluster(Strict):
 class Accelerator(Strict):
     kind: AcceleratorKind
     count: int = Field(1, ge=1, le=64)
-    memory: Size = Field(description="memory of each device, e.g. '80GiB'")
+    memory: Size = Field(gt=0, description="memory of each device, e.g. '80GiB'")
     name: str | None = Field(None, description="model name for display, e.g. 'RTX 6000 Ada'")
 
 
@@ -299,11 +348,11 @@ class Node(Strict):
     os: Literal["linux", "macos", "android"] = "linux"
     manager: Literal["systemd", "launchd", "direct"] | None = None
     accelerators: list[Accelerator] = Field(default_factory=list)
-    unified_memory: Size | None = Field(None, description="Apple silicon / Strix Halo: one pool for CPU and GPU")
+    unified_memory: Size | None = Field(None, gt=0, description="Apple silicon / Strix Halo: one pool for CPU and GPU")
     gpu_memory_limit: Size | None = Field(
         None, description="unified memory: the most the GPU may wire (macOS iogpu.wired_limit_mb, amdgpu GTT)"
     )
-    ram: Size | None = None
+    ram: Size | None = Field(None, gt=0)
     models_dir: str | None = None
     reserve: Size | None = None
     safe_zone: float | None = Field(None, gt=0, le=1.0)
@@ -339,7 +388,7 @@ class Node(Strict):
     @field_validator("user")
     @classmethod
     def _user(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^[a-z_][a-z0-9_-]{0,31}$", v):
+        if v is not None and not UNIX_USER_RE.match(v):
             raise ValueError(f"{v!r} is not a valid user name")
         return v
 
@@ -488,7 +537,7 @@ class Service(Strict):
                               "run headless ranks)")
     model: Name | None = None
     port: int | None = Field(None, ge=1, le=65535)
-    bind: str = Field("127.0.0.1", description="listen address; off loopback it needs an api_key or the firewall")
+    bind: Bind = Field("127.0.0.1", description="listen address; off loopback it needs an api_key or the firewall")
     context: int | None = Field(None, ge=256, description="context length in tokens (llama.cpp -c: all slots)")
     parallel: int = Field(1, ge=1, le=512, description="parallel slots (llama.cpp -np)")
     batch: int = Field(2048, ge=32)
@@ -497,7 +546,8 @@ class Service(Strict):
     cache_type_v: CacheType = "f16"
     flash_attn: bool | None = Field(None, description="None = engine default (llama.cpp: auto)")
     gpu_layers: int | Literal["all"] = "all"
-    tensor_split: list[float] = Field(default_factory=list)
+    tensor_split: list[float] = Field(default_factory=list, description="llama.cpp: proportions per device, "
+                                      "e.g. [3, 1]")
     devices: list[int] = Field(default_factory=list, description="GPU indexes of the node this service uses")
     rpc_workers: list[Name] = Field(default_factory=list, description="rpc-server services this head uses")
     tensor_parallel: int = Field(1, ge=1, le=64)
@@ -527,8 +577,9 @@ class Service(Strict):
         "on a systemd node")
     allow_from: list[str] = Field(
         default_factory=list, description="with a firewall: more nodes (by name) or IP addresses/networks allowed")
-    startup_timeout: Duration = 600.0
-    min_tokens_per_second: float | None = Field(None, gt=0, description="verify fails below this generation speed")
+    startup_timeout: Timeout = 600.0
+    min_tokens_per_second: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                                description="verify fails below this generation speed")
     metrics: bool = True
     chat_template: str | None = Field(
         None, description="llama-server: one of llama.cpp's built-in chat templates (gemma, llama3, chatml, ...) "
@@ -540,11 +591,45 @@ class Service(Strict):
 
     @field_validator("bind")
     @classmethod
-    def _bind(cls, v: str) -> str:
-        try:
-            ipaddress.ip_address(v)
-        except ValueError:
-            raise ValueError(f"bind {v!r} must be an IP address (e.g. 127.0.0.1 or 10.0.0.5)") from None
+    def _rpc_bind(cls, v: str, info: ValidationInfo) -> str:
+        if info.data.get("engine") == "rpc-server" and ipaddress.ip_address(v).version == 6:
+            raise ValueError(f"bind {v}: llama.cpp's rpc-server listens and connects over IPv4 only; bind the "
+                             "node's IPv4 address")
+        return v
+
+    @field_validator("parallel")
+    @classmethod
+    def _parallel(cls, v: int, info: ValidationInfo) -> int:
+        if info.data.get("engine") == "llama-server" and v > LLAMA_CPP_MAX_PARALLEL:
+            raise ValueError(f"parallel {v}: llama.cpp serves at most {LLAMA_CPP_MAX_PARALLEL} slots "
+                             "(it refuses to start above its LLAMA_MAX_SEQ); run a second instance behind "
+                             "the router for more")
+        return v
+
+    @field_validator("tensor_split")
+    @classmethod
+    def _tensor_split(cls, v: list[float]) -> list[float]:
+        for x in v:
+            if not 0 <= x < float("inf"):
+                raise ValueError(f"tensor_split {', '.join(f'{y:g}' for y in v)}: each share must be a finite "
+                                 "number >= 0 (llama.cpp's proportions per device, e.g. [3, 1])")
+        return v
+
+    @field_validator("gpu_layers")
+    @classmethod
+    def _gpu_layers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"gpu_layers {v}: give a number of layers (0: none on the GPU) or 'all'")
+        return v
+
+    @field_validator("flash_attn")
+    @classmethod
+    def _flash_attn(cls, v: bool | None, info: ValidationInfo) -> bool | None:
+        cache_v = info.data.get("cache_type_v")
+        if v is False and info.data.get("engine") == "llama-server" and cache_v in LLAMA_CPP_QUANTIZED_CACHE:
+            raise ValueError(f"flash_attn: false with cache_type_v: {cache_v}: llama.cpp refuses a quantized V "
+                             "cache without flash attention; leave flash_attn unset (auto) or true, or use "
+                             "cache_type_v: f16")
         return v
 
     @field_validator("allow_from")
@@ -693,7 +778,7 @@ class Router(Strict):
         default_factory=list, description="how to run clusterctl on the router node, e.g. [/usr/bin/python3, -m, "
         "clusterctl.cli]; default: deploy installs the router (cluster.engines.router) and runs "
         "/opt/clusterctl/venv/bin/clusterctl-router")
-    bind: str = "127.0.0.1"
+    bind: Bind = "127.0.0.1"
     routes: dict[str, list[Name]] = Field(default_factory=dict, description="task type -> service chain")
     default: list[Name] = Field(default_factory=list)
     health: HealthCheck = HealthCheck()
@@ -823,6 +908,10 @@ def _xref_errors(inv: Inventory) -> list[tuple[tuple[str | int, ...], str, str |
             if alt not in inv.models:
                 errs.append((("models", mname, "alternatives", i), f"unknown model '{alt}'",
                              unknown("models", alt, model_names)))
+    for nname, node in inv.nodes.items():
+        if node.ram is None and node.unified_memory is None and not node.accelerators:
+            errs.append((("nodes", nname), "the node has no memory to plan",
+                         "give its ram, unified_memory or accelerators"))
     used_ports: dict[tuple[str, int], str] = {}
     used_gpus: dict[tuple[str, int], str] = {}
     for sname, svc in inv.services.items():
