@@ -18,7 +18,7 @@ from typing import Any
 
 from clusterctl.engines import LaunchSpec, launch_specs
 from clusterctl.inventory import Inventory
-from clusterctl.layout import local_host
+from clusterctl.layout import http_url, local_host
 from clusterctl.secretref import read_secret
 from clusterctl.transport import Transport
 
@@ -141,7 +141,7 @@ def bench(inv: Inventory, connect: Callable[[str], Transport], *, services: Sequ
     for spec in specs:
         t = connect(spec.node)
         try:
-            url = f"http://{local_host(spec.bind)}:{spec.port}/v1/chat/completions"
+            target = http_url(local_host(spec.bind), spec.port, "/v1/chat/completions")
             key = _key(inv, spec.service)
             for tokens in prompt_tokens:
                 body = {"model": spec.model_id, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
@@ -150,7 +150,7 @@ def bench(inv: Inventory, connect: Callable[[str], Transport], *, services: Sequ
                     samples: list[Sample] = []
                     errors, wall = 0, 0.0
                     for _ in range(rounds):
-                        got, bad, seconds = _load(t, url, body, c, key)
+                        got, bad, seconds = _load(t, target, body, c, key)
                         samples += got
                         errors += bad
                         wall += seconds
@@ -165,7 +165,7 @@ def bench(inv: Inventory, connect: Callable[[str], Transport], *, services: Sequ
                 "cpus": t.run(["nproc"], timeout=30).out.strip(),
             }
             if inv.router is not None and spec.node == inv.router.node:
-                result.router[spec.service] = _router_overhead(inv, t, spec, url, key)
+                result.router[spec.service] = _router_overhead(inv, t, spec, target, key)
         finally:
             t.close()
     return result
@@ -175,7 +175,7 @@ def _router_overhead(inv: Inventory, t: Transport, spec: LaunchSpec, direct_url:
                      ) -> dict[str, float]:
     r = inv.router
     assert r is not None
-    via = f"http://{local_host(r.bind)}:{r.port}/v1/chat/completions"
+    via = http_url(local_host(r.bind), r.port, "/v1/chat/completions")
     body = {"model": spec.service, "max_tokens": 1, "temperature": 0,
             "messages": [{"role": "user", "content": "Hi"}]}
     direct: list[float] = []

@@ -62,8 +62,24 @@ def address(node: Node) -> str:
 
 
 def local_host(bind: str) -> str:
-    """The address that reaches a service bound to `bind` from its own node."""
+    """The address that reaches a service bound to `bind` from its own node: loopback of the
+    same family for a wildcard (a socket on '::' may be IPv6-only)."""
+    if bind == "::":
+        return "::1"
     return "127.0.0.1" if bind in WILDCARDS else bind
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port`, with an IPv6 literal in brackets ('[::1]:8080'), as URLs and
+    llama.cpp's --rpc endpoints need it."""
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def http_url(host: str, port: int, path: str = "", scheme: str = "http") -> str:
+    """An http URL of a host (name, IPv4 or IPv6 literal) and port, e.g. 'http://[::1]:8080/health'."""
+    return f"{scheme}://{host_port(host, port)}{path}"
 
 
 def rpc_endpoint(inv: Inventory, worker: str) -> tuple[str, int]:

@@ -31,8 +31,11 @@ from clusterctl.layout import (
     address,
     base_dir,
     control_script,
+    host_port,
+    http_url,
     launchd_label,
     launchd_plist,
+    local_host,
     log_path,
     pid_file,
     script_path,
@@ -233,7 +236,7 @@ def route_table(inv: Inventory) -> RouteTable | None:
             host = address(node)
         key = upstream_key_path(name) if svc.api_key else None
         served = adapter(svc.engine).served_model(inv, name, svc, node)
-        backends[name] = Backend(url=f"http://{host}:{svc.default_port}", model=served, api_key_file=key,
+        backends[name] = Backend(url=http_url(host, svc.default_port), model=served, api_key_file=key,
                                  max_concurrency=max(1, svc.parallel * 2),
                                  health_path=health_path(svc),
                                  timeout=max(600.0, svc.startup_timeout))
@@ -298,9 +301,9 @@ def _monitoring_files(inv: Inventory, specs: list[LaunchSpec]) -> list[RenderedF
         if host in ("0.0.0.0", "::") or (spec.node != r.node and host in ("127.0.0.1", "::1")):
             host = address(n)
         token = upstream_key_path(spec.service) if spec.secrets else None
-        jobs.append({"name": spec.service, "path": spec.metrics_path, "target": f"{host}:{spec.port}",
+        jobs.append({"name": spec.service, "path": spec.metrics_path, "target": host_port(host, spec.port),
                      "node": spec.node, "service": spec.service, "engine": spec.engine, "token_file": token})
-    jobs.append({"name": "router", "path": "/metrics", "target": f"{r.bind}:{r.port}", "node": r.node,
+    jobs.append({"name": "router", "path": "/metrics", "target": host_port(local_host(r.bind), r.port), "node": r.node,
                  "service": "router", "engine": "router",
                  "token_file": secret_path(ROUTER_SERVICE) if r.api_key else None})
     base = base_dir(node)

@@ -15,7 +15,7 @@ from clusterctl.deploy.managers import manager
 from clusterctl.engines import launch_specs
 from clusterctl.http import http
 from clusterctl.inventory import Inventory
-from clusterctl.layout import local_host
+from clusterctl.layout import http_url, local_host
 from clusterctl.planner import Plan
 from clusterctl.secretref import read_secret
 from clusterctl.transport import Transport, TransportError
@@ -88,7 +88,7 @@ def snapshot(inv: Inventory, connect: Callable[[str], Transport], plan: Plan | N
                     text = t.run(list(journal.argv), timeout=journal.timeout).out
                     errors = [line for line in text.splitlines() if line.strip()][-3:]
                 if s.health_path is not None:
-                    code = http(t, f"http://{local_host(s.bind)}:{s.port}{s.health_path}", timeout=5).status
+                    code = http(t, http_url(local_host(s.bind), s.port, s.health_path), timeout=5).status
                     health = {200: "ok", 503: "loading"}.get(code, "down")
                 elif (probe := checks.health_probe(s)) is not None:  # the adapter's check is a TCP connect
                     tcp = t.run(list(probe.argv), timeout=probe.timeout)
@@ -100,7 +100,7 @@ def snapshot(inv: Inventory, connect: Callable[[str], Transport], plan: Plan | N
             if inv.router is not None and inv.router.node == node:
                 r = inv.router
                 host = local_host(r.bind)
-                metrics = http(t, f"http://{host}:{r.port}/metrics", key=read_secret(r.api_key), timeout=5)
+                metrics = http(t, http_url(host, r.port, "/metrics"), key=read_secret(r.api_key), timeout=5)
                 snap.requests_total = parse_requests_total(metrics.body.decode(errors="replace"))
         finally:
             t.close()

@@ -23,7 +23,7 @@ from clusterctl.deploy.managers import manager
 from clusterctl.engines import LaunchSpec, launch_specs
 from clusterctl.http import Http, http
 from clusterctl.inventory import Inventory
-from clusterctl.layout import ROUTER_HEALTH, local_host, rpc_endpoint
+from clusterctl.layout import ROUTER_HEALTH, host_port, http_url, local_host, rpc_endpoint
 from clusterctl.planner import Plan
 from clusterctl.secretref import read_secret
 from clusterctl.transport import Transport, TransportError
@@ -91,7 +91,7 @@ def check_service(inv: Inventory, t: Transport, spec: LaunchSpec, baselines: dic
     out: list[Check] = []
     measured: dict[str, float] = {}
     host = local_host(spec.bind)
-    base = f"http://{host}:{spec.port}"
+    base = http_url(host, spec.port)
     if not spec.port:  # a headless worker (vLLM's other ranks): it runs, and its head answers for it
         mgr = manager(inv.nodes[node])
         c = mgr.inspect(inv.nodes[node], name)
@@ -206,7 +206,7 @@ def check_rpc(inv: Inventory, t: Transport, spec: LaunchSpec) -> list[Check]:
         probe = ops.tcp_probe(host, port, timeout=15)
         r = t.run(list(probe.argv), timeout=probe.timeout)
         out.append(Check(spec.node, spec.service, f"rpc {w}", "ok" if r.ok else "fail",
-                         f"{host}:{port} " + ("reachable" if r.ok else "not reachable from the head")))
+                         f"{host_port(host, port)} " + ("reachable" if r.ok else "not reachable from the head")))
     return out
 
 
@@ -215,7 +215,7 @@ def check_routes(inv: Inventory, t: Transport) -> list[Check]:
     r = inv.router
     assert r is not None
     out = []
-    base = f"http://{local_host(r.bind)}:{r.port}"
+    base = http_url(local_host(r.bind), r.port)
     key = read_secret(r.api_key)
     h = http(t, base + ROUTER_HEALTH, timeout=10)
     out.append(Check(r.node, "router", "health", "ok" if h.status == 200 else "fail", f"{ROUTER_HEALTH} {h.status}"))

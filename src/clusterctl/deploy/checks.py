@@ -12,7 +12,7 @@ from clusterctl.deploy.managers import ServiceManager
 from clusterctl.deploy.model import FETCH_KINDS, Desired, NodeFacts, Step
 from clusterctl.engines import LaunchSpec
 from clusterctl.inventory import Inventory, Node
-from clusterctl.layout import local_host, rpc_endpoint
+from clusterctl.layout import host_port, http_url, local_host, rpc_endpoint
 from clusterctl.transport import Transport
 
 HEALTH_POLL_FIRST = 0.1  # seconds before the second health probe of a restarted service, doubling
@@ -90,7 +90,7 @@ def health_probe(spec: LaunchSpec) -> ops.Run | None:
     host = local_host(spec.bind)
     if spec.health_path is None:
         return ops.tcp_probe(host, spec.port)
-    return ops.http_probe(f"http://{host}:{spec.port}{spec.health_path}")
+    return ops.http_probe(http_url(host, spec.port, spec.health_path))
 
 
 def probe_passed(probe: ops.Run, rc: int, out: str) -> bool:
@@ -136,6 +136,6 @@ def check_workers(inv: Inventory, t: Transport, d: Desired, spec: LaunchSpec) ->
         probe = ops.tcp_probe(host, port, timeout=15)
         if not t.run(list(probe.argv), timeout=probe.timeout).ok:
             raise DeployError(f"{d.node}: {spec.service} was not restarted: its rpc worker {worker} "
-                              f"({host}:{wsvc.default_port} on {wsvc.node_names[0]}) is not reachable",
+                              f"({host_port(host, port)} on {wsvc.node_names[0]}) is not reachable",
                               hint=f"start {worker} first (deploy {wsvc.node_names[0]}) and check the "
                               "firewall between the nodes")

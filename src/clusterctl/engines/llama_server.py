@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from clusterctl.engines.base import Adapter, LaunchContext, LaunchSpec, SecretFile, secret_file
-from clusterctl.inventory import Node, Service
-from clusterctl.layout import base_dir, llama_bin, model_path, rpc_endpoint
+from clusterctl.inventory import LLAMA_CPP_MAX_PARALLEL, LLAMA_CPP_QUANTIZED_CACHE, Node, Service
+from clusterctl.layout import base_dir, host_port, llama_bin, model_path, rpc_endpoint
 
 
 class LlamaServer(Adapter):
@@ -12,6 +12,9 @@ class LlamaServer(Adapter):
     provider = "llama.cpp"
     installer = "llama.cpp"
     memory_model = "llama.cpp"
+    # the engine's limits, checked when the inventory loads (inventory.py cites the source)
+    max_parallel = LLAMA_CPP_MAX_PARALLEL
+    quantized_cache = LLAMA_CPP_QUANTIZED_CACHE
 
     def launch(self, ctx: LaunchContext, name: str, svc: Service, node: Node) -> LaunchSpec:
         inv = ctx.inv
@@ -38,7 +41,7 @@ class LlamaServer(Adapter):
             endpoints = []
             for w in svc.rpc_workers:
                 host, port = rpc_endpoint(inv, w)
-                endpoints.append(f"{host}:{port}")
+                endpoints.append(host_port(host, port))
                 remote.append(w)
             argv += ["--rpc", ",".join(endpoints)]
         if svc.metrics:

@@ -270,10 +270,11 @@ class Router:
         self._runner = web.ServerRunner(web.Server(self._dispatch, handler_cancellation=True, access_log=None,
                                                    keepalive_timeout=75.0))
         await self._runner.setup()
-        sock = socket.socket(socket.AF_INET6 if ":" in (host or "") else socket.AF_INET, socket.SOCK_STREAM)
+        host = host or self.table.listen_host
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((host or self.table.listen_host, self.table.listen_port if port is None else port))
+            sock.bind((host, self.table.listen_port if port is None else port))
         except OSError:
             sock.close()
             await self._runner.cleanup()
