@@ -69,6 +69,7 @@ class FakeNode:
         self.services: dict[str, FakeService] = {}
         self.foreign: list[tuple[str, int, str]] = []  # listeners deploy did not start
         self.urls: dict[str, bytes | int] = {}  # what curl gets: content, or an HTTP error status
+        self.curl_version = "7.88.1"  # what `curl --version` says
         self.gpus: list[tuple[str, int]] = []  # (name, MiB)
         self.memory_kb = 16 * 2**20
         self.disk_free = 100 * 2**30
@@ -421,6 +422,8 @@ class FakeNode:
         return 0, f"{svc.name}: stopped\n", ""
 
     def _curl(self, a: tuple[str, ...], stdin: bytes | None) -> tuple[int, str, str]:
+        if a[1:] == ("--version",):
+            return 0, f"curl {self.curl_version} (x86_64-pc-linux-gnu) libcurl/{self.curl_version}\n", ""
         url = a[-1]
         if "--output" in a:  # a download
             part = a[a.index("--output") + 1]

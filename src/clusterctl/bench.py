@@ -20,7 +20,7 @@ from clusterctl.engines import LaunchSpec, launch_specs
 from clusterctl.inventory import Inventory
 from clusterctl.layout import http_url, local_host
 from clusterctl.secretref import read_secret
-from clusterctl.transport import Transport
+from clusterctl.transport import Transport, TransportError
 
 # Starts "$1" curl requests at once with the body in "$2" against "$3"; headers on stdin.
 # Prints one line per request: the elapsed seconds, a tab, the response body.
@@ -93,13 +93,22 @@ def _key(inv: Inventory, service: str) -> str | None:
 
 
 def _load(t: Transport, url: str, body: dict[str, Any], n: int, key: str | None) -> tuple[list[Sample], int, float]:
-    path = f"/tmp/clusterctl-bench-{int(time.time() * 1000)}.json"
-    t.put(path, json.dumps(body).encode(), mode=0o600)
-    headers = f"Authorization: Bearer {key}\n" if key else "X-Clusterctl-Bench: 1\n"
-    start = time.monotonic()
-    r = t.run(["bash", "-c", LOAD_SCRIPT, "load", str(n), path, url], input=headers.encode(), timeout=1800)
-    wall = time.monotonic() - start
-    t.run(["rm", "-f", "--", path], timeout=30)
+    # the request body in a folder of its own (mktemp -d: unpredictable name, mode 0700), never
+    # at a name in /tmp that another user of the node could guess and take first
+    made = t.run(["mktemp", "-d", "-t", "clusterctl-bench.XXXXXXXX"], timeout=30)
+    folder = made.out.strip()
+    if not made.ok or not folder.startswith("/"):
+        raise TransportError(f"{t.host}: cannot create a temporary folder: {made.err.strip() or made.rc}",
+                             "check that the node's temporary directory ($TMPDIR or /tmp) is writable", host=t.host)
+    path = f"{folder}/body.json"
+    try:
+        t.put(path, json.dumps(body).encode(), mode=0o600)
+        headers = f"Authorization: Bearer {key}\n" if key else "X-Clusterctl-Bench: 1\n"
+        start = time.monotonic()
+        r = t.run(["bash", "-c", LOAD_SCRIPT, "load", str(n), path, url], input=headers.encode(), timeout=1800)
+        wall = time.monotonic() - start
+    finally:
+        t.run(["rm", "-rf", "--", folder], timeout=30)
     samples, errors = [], 0
     for line in r.out.splitlines():
         total, _, rest = line.partition("\t")

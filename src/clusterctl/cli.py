@@ -391,7 +391,7 @@ def deploy(
         if checked is not None:
             ui.verify_table(checked)
     if not result.ok:
-        raise typer.Exit(int(ExitCode.DEPLOY_FAILED))
+        raise typer.Exit(int(result.exit_code))
     if checked is not None and not checked.ok:
         raise typer.Exit(int(ExitCode.VERIFY_FAILED))
 
@@ -637,6 +637,7 @@ def resolve(
     from clusterctl import ui
     from clusterctl.lockfile import LockedModel, LockFile, lock_path, read_lock, write_lock
     from clusterctl.models.fetch import read_meta
+    from clusterctl.models.pins import hub_pins
     from clusterctl.secretref import read_secret
 
     inv = _load(inventory)
@@ -650,11 +651,17 @@ def resolve(
     for name, model in inv.models.items():
         entry = old.models.get(name)
         if entry is not None and entry.source == model.source and not refresh:
+            if entry.files is None and model.source.startswith("hf://"):  # a lock from before per-file pins
+                entry = entry.model_copy(update={"files": hub_pins(
+                    model.source, entry.meta.files, format=entry.meta.format, revision=entry.revision,
+                    token=token, endpoint=endpoint) or None})
             models[name] = entry
             report.append({"model": name, "action": "kept", "revision": entry.revision, "bytes_read": 0})
             continue
         meta = read_meta(model.source, format=model.format, token=token, endpoint=endpoint)
-        models[name] = LockedModel(source=model.source, revision=meta.revision, meta=meta)
+        pins = hub_pins(model.source, meta.files, format=meta.format, revision=meta.revision, token=token,
+                        endpoint=endpoint)
+        models[name] = LockedModel(source=model.source, revision=meta.revision, meta=meta, files=pins or None)
         report.append({"model": name, "action": "read", "revision": meta.revision,
                        "bytes_read": meta.header_bytes_read})
         if not json:

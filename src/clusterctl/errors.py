@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import IntEnum
 from typing import Any
 
@@ -17,6 +18,22 @@ class ExitCode(IntEnum):
     LOCKED = 7  # another deploy holds the cluster lock
     DEPLOY_FAILED = 8  # a node's rollout failed (and was rolled back where possible)
     VERIFY_FAILED = 9  # a verify check failed
+
+
+# Several nodes failing in different ways exit with the first code here that occurred. A bug
+# first (it wants a report); then a mistake in the command line, the inventory or the lock
+# (the user must edit something; running again cannot help, and it likely fails every node);
+# then an unreachable node or endpoint (the network: running again may help); then the
+# cluster lock; then a node whose rollout itself failed; then verify.
+SEVERITY = (ExitCode.FAILURE, ExitCode.USAGE, ExitCode.INVALID_INVENTORY, ExitCode.METADATA,
+            ExitCode.DOES_NOT_FIT, ExitCode.NETWORK, ExitCode.LOCKED, ExitCode.DEPLOY_FAILED,
+            ExitCode.VERIFY_FAILED)
+
+
+def most_severe(codes: Iterable[ExitCode]) -> ExitCode:
+    """The most severe of `codes` by SEVERITY; OK when there are none."""
+    found = set(codes) - {ExitCode.OK}
+    return min(found, key=SEVERITY.index) if found else ExitCode.OK
 
 
 class ClusterctlError(Exception):

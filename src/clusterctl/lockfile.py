@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from clusterctl.errors import InventoryError, MetadataError
 from clusterctl.inventory import Inventory
-from clusterctl.models.meta import ModelMeta
+from clusterctl.models.meta import FilePin, ModelMeta
 from clusterctl.yamlsrc import read_text_file
 
 LOCK_VERSION = 1
@@ -28,6 +28,9 @@ class LockedModel(BaseModel):
     source: str
     revision: str | None = None
     meta: ModelMeta
+    # hub sources: each file's size and sha256 at `revision`, keyed like meta.files; absent in
+    # lock files written before pins (deploy then checks sizes only where it knows them)
+    files: dict[str, FilePin] | None = None
 
 
 class LockFile(BaseModel):

@@ -90,7 +90,7 @@ def test_unknown_host_key_fails_that_node_only(testbed3: Testbed, tmp_path: Path
     path = inventory(testbed3, tmp_path, three_services(), models=weights(tmp_path), known_hosts=known_hosts)
 
     run = deploy(path, "--max-fail", "1")
-    assert run.code == ExitCode.DEPLOY_FAILED, run.output
+    assert run.code == ExitCode.NETWORK, run.output
     data = run.json()
     failed = node_result(data, "node2")["failed"]
     assert isinstance(failed, str)
@@ -120,7 +120,7 @@ def test_changed_host_key_is_refused_naming_both_fingerprints(testbed3: Testbed,
     path = inventory(testbed3, tmp_path, three_services(), models=weights(tmp_path), known_hosts=known_hosts)
 
     run = deploy(path, "--max-fail", "1")
-    assert run.code == ExitCode.DEPLOY_FAILED, run.output
+    assert run.code == ExitCode.NETWORK, run.output
     data = run.json()
     failed = node_result(data, "node2")["failed"]
     assert isinstance(failed, str)
@@ -141,7 +141,7 @@ def test_node_down_at_start_counts_towards_max_fail(testbed3: Testbed, tmp_path:
     path = inventory(testbed3, tmp_path, three_services(), models=weights(tmp_path), connect_timeout="2s")
     with link_down(testbed3, node3):
         run = deploy(path)
-        assert run.code == ExitCode.DEPLOY_FAILED, run.output
+        assert run.code == ExitCode.NETWORK, run.output
         assert run.seconds < 2 + 15  # connect_timeout, plus start-up
         data = run.json()
         failed = node_result(data, "node3")["failed"]
@@ -154,7 +154,7 @@ def test_node_down_at_start_counts_towards_max_fail(testbed3: Testbed, tmp_path:
             assert not active(testbed3.node(name), f"rel-web{name[-1]}")
 
         run = deploy(path, "--max-fail", "1")
-        assert run.code == ExitCode.DEPLOY_FAILED, run.output  # node3 still failed: reported as such
+        assert run.code == ExitCode.NETWORK, run.output  # node3 still failed: reported as such
         data = run.json()
         assert node_result(data, "node3")["failed"] == failed
         for name in ("node1", "node2"):  # tolerated: the later phases ran for the others
@@ -181,7 +181,7 @@ def test_link_dying_mid_push_is_detected_not_a_hang(testbed_factory: TestbedFact
             raise
         with link_down(tb, node1):
             run = finish(proc, 60)  # keepalive 15 s: a dead peer should be noticed well within a minute
-    assert run.code == ExitCode.DEPLOY_FAILED, run.output
+    assert run.code == ExitCode.NETWORK, run.output
     failed = node_result(run.json(), "node1")["failed"]
     assert isinstance(failed, str) and failed.startswith("node1: ")
 

@@ -42,7 +42,7 @@ def test_stale_record_is_reported_by_the_next_deploy(tmp_path: Path) -> None:
     with ConnectionCounter() as counter:
         path = stale_inventory(tmp_path, counter)
         result = runner.invoke(app, ["deploy", "--inventory", str(path)])
-    assert result.exit_code == ExitCode.DEPLOY_FAILED  # the node is a mere TCP listener
+    assert result.exit_code == ExitCode.NETWORK  # the node is a mere TCP listener: unreachable
     assert WARNING in " ".join(result.stderr.split())
     assert tmp_path.joinpath(".inv.deploy.lock").read_text() == ""  # this run finished: record cleared
 
@@ -51,7 +51,7 @@ def test_stale_record_is_reported_with_json_output(tmp_path: Path) -> None:
     with ConnectionCounter() as counter:
         path = stale_inventory(tmp_path, counter)
         result = runner.invoke(app, ["deploy", "--inventory", str(path), "--json"])
-    assert result.exit_code == ExitCode.DEPLOY_FAILED
+    assert result.exit_code == ExitCode.NETWORK
     data = json.loads(result.stdout)
     assert WARNING in " ".join(result.stderr.split()) or "stale" in json.dumps(data)
 

@@ -88,6 +88,11 @@ def diff(desired: Desired, facts: NodeFacts) -> list[Step]:
         for service in desired.users.get(binary, []):
             changed_services.setdefault(service, why)
     for secret in desired.secrets:
+        if secret.data is None and secret.path in facts.hashes:  # a dry run reads no secret: no compare
+            steps.append(Step(_phase_of(_secret_owner(desired, secret.path)), node, "secret", secret.path,
+                              "not compared: a dry run does not read secrets", 0,
+                              _secret_owner(desired, secret.path), sensitive=True))
+            continue
         if facts.hashes.get(secret.path) != secret.sha256:
             owner = _secret_owner(desired, secret.path)
             steps.append(Step(_phase_of(owner), node, "secret", secret.path,

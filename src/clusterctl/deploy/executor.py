@@ -18,7 +18,9 @@ from clusterctl.deploy.managers import ServiceManager
 from clusterctl.deploy.model import Desired, Phase, Step, WeightFile
 from clusterctl.engines import LaunchSpec
 from clusterctl.engines.install import LlamaBuild, VenvInstall
+from clusterctl.errors import ClusterctlError, ExitCode
 from clusterctl.inventory import Inventory, Node
+from clusterctl.models import remote
 from clusterctl.secretref import read_secret
 from clusterctl.transport import CommandResult, Transport, TransportError
 
@@ -54,6 +56,7 @@ class NodeResult:
     steps: list[Step] = field(default_factory=list)
     done: list[Step] = field(default_factory=list)
     failed: str | None = None  # why this node's rollout stopped
+    error: ClusterctlError | None = field(default=None, repr=False)  # the typed cause, when one was raised
     log_tail: str = ""
     rolled_back: list[str] = field(default_factory=list)
     diffs: dict[str, str] = field(default_factory=dict)  # path -> unified diff (dry run)
@@ -62,6 +65,18 @@ class NodeResult:
     @property
     def ok(self) -> bool:
         return self.failed is None
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """OK, the typed cause's exit code, or DEPLOY_FAILED (a rollout that failed and rolled back)."""
+        if self.ok:
+            return ExitCode.OK
+        return self.error.exit_code if self.error is not None else ExitCode.DEPLOY_FAILED
+
+    def fail(self, exc: ClusterctlError) -> None:
+        """Stop this node's rollout for `exc`, keeping it typed (its exit code) and as text."""
+        self.error = exc
+        self.failed = str(exc) + (f" ({exc.hint})" if exc.hint else "")
 
 
 class Executor:
@@ -113,7 +128,14 @@ class Executor:
         self._verify_and_place(part, path, sha, size)
 
     def _pull(self, w: WeightFile) -> None:
-        token = read_secret(self.inv.cluster.huggingface.token) if w.hub else None
+        assert w.url is not None
+        endpoint = self.inv.cluster.huggingface.endpoint
+        # the hub token goes to the hub's own origin only, and only through a curl that keeps it
+        # from the hosts a redirect leads to (the CDN holding the file)
+        token = remote.token_for(w.url, read_secret(self.inv.cluster.huggingface.token) if w.hub else None,
+                                 endpoint=endpoint)
+        if token:
+            self._check_curl()
         header = f"Authorization: Bearer {token}\n".encode() if token else b""  # on stdin: never in argv
         self.run(ops.mkdir(w.path.rsplit("/", 1)[0]))
         with self._watch_size(w.path + ".part", w.path, w.size):
@@ -123,6 +145,22 @@ class Executor:
             hint = next((h for code, h in HUB_HINTS.items() if f" {code}" in message), None)
             raise DeployError(f"{self.d.node}: download of {w.path.rsplit('/', 1)[-1]} failed: {message}", hint)
         self._verify_and_place(w.path + ".part", w.path, w.sha256, w.size)
+
+    def _check_curl(self) -> None:
+        """Refuse a curl that forwards a custom Authorization header across redirects.
+
+        curl follows redirects with --location; since 7.58.0 (CVE-2018-1000007) it sends a custom
+        Authorization header to the first host name only, and since 7.83.0 (CVE-2022-27776) not
+        when the scheme or port changes either (an https hub's pull forbids redirects to http:
+        ops.curl_pull); --location-trusted, never used here, would send it everywhere."""
+        r = self.run(ops.curl_version())
+        found = ops.parse_curl_version(r.out) if r.ok else None
+        if found is None or found < ops.CURL_SAFE_REDIRECTS:
+            have = ".".join(map(str, found)) if found else "an unknown version"
+            need = ".".join(map(str, ops.CURL_SAFE_REDIRECTS))
+            raise DeployError(f"{self.d.node}: curl is {have}; before {need} it sends the hub token on to the "
+                              "host a redirect points at", hint=f"upgrade curl on the node to {need} or later, "
+                              "or copy the model to the controller and use a file:// source")
 
     def _build(self, s: Step) -> None:
         b: LlamaBuild = next(b for b, _ in self.d.builds if b.bindir == s.target)
@@ -231,6 +269,7 @@ class Executor:
             assert isinstance(put, ops.Put)
             data = next(x.data for x in self.d.secrets if x.path == s.target) if s.kind == "secret" else \
                 next(f.content.encode() for f in self.d.files if f.path == s.target)
+            assert data is not None  # only a dry run leaves a secret unread, and it runs no executor
             self.t.put(put.path, data, mode=put.mode)
             self.result.done.append(s)
             self.reporter.step(self.d.node, s, "done")

@@ -204,7 +204,15 @@ def gather(t: Transport, *, base: str, files: Iterable[str], handles: Iterable[s
     argv = probe_argv(marker=marker, base=base, manager=manager, files=sorted(set(files)),
                       weights=sorted(set(weights)), dirs=dirs, handles=units, binaries=sorted(set(binaries)),
                       commands=sorted(set(commands)))
-    return parse_probe(t.host, t.run(argv, timeout=300).out, marker, dirs=dirs, handles=units)
+    r = t.run(argv, timeout=300)
+    if not r.ok:  # facts from a probe that did not finish would be read as "absent" and acted on
+        from clusterctl.deploy.desired import DeployError
+
+        last = r.err.strip().splitlines()[-1] if r.err.strip() else "no error output"
+        raise DeployError(f"{t.host}: gathering facts failed (probe exit {r.rc}): {last}",
+                          hint="the node needs bash and coreutils on PATH; run the probe by hand over ssh to "
+                               "see more; nothing was changed on the node")
+    return parse_probe(t.host, r.out, marker, dirs=dirs, handles=units)
 
 
 def parse_probe(node: str, text: str, marker: str, *, dirs: Sequence[str], handles: Sequence[str]) -> NodeFacts:

@@ -43,11 +43,11 @@ class EngineFile:
 class SecretValue:
     path: str
     ref: str  # env:NAME / file:PATH, shown instead of the value
-    data: bytes = field(repr=False)
+    data: bytes | None = field(repr=False)  # None: not read (a dry run never reads secrets)
 
     @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
+    def sha256(self) -> str | None:
+        return hashlib.sha256(self.data).hexdigest() if self.data is not None else None
 
 
 @dataclass

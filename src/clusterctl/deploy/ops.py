@@ -6,6 +6,7 @@ that carries a secret carries it on stdin (`stdin`), never in its argv or its di
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -106,11 +107,27 @@ def manifest_put(base: str) -> Put:
     return Put(f"{base}/{MANIFEST}", 0o644)
 
 
+CURL_SAFE_REDIRECTS = (7, 58, 0)  # the first curl that keeps a custom Authorization from other host names
+_CURL_VERSION = re.compile(r"^curl (\d+)\.(\d+)\.(\d+)")
+
+
+def curl_version() -> Run:
+    return Run(("curl", "--version"), 15, check=False)
+
+
+def parse_curl_version(text: str) -> tuple[int, int, int] | None:
+    m = _CURL_VERSION.match(text.strip())
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+
+
 def curl_pull(w: WeightFile, header: bytes) -> Run:
     assert w.url is not None
-    return Run(("curl", "--fail", "--silent", "--show-error", "--location", "--retry", "5", "--retry-delay", "2",
-                "--speed-limit", "1024", "--speed-time", "60", "--continue-at", "-", "--output", w.path + ".part",
-                "--header", "@-", w.url), PULL_TIMEOUT, stdin=header)
+    # with a token from an https hub, no redirect may downgrade to http (curl before 7.83 would
+    # still send the header to the same host name on another scheme)
+    https_only = ("--proto-redir", "=https") if header and w.url.startswith("https://") else ()
+    return Run(("curl", "--fail", "--silent", "--show-error", "--location", *https_only, "--retry", "5",
+                "--retry-delay", "2", "--speed-limit", "1024", "--speed-time", "60", "--continue-at", "-",
+                "--output", w.path + ".part", "--header", "@-", w.url), PULL_TIMEOUT, stdin=header)
 
 
 def build(b: LlamaBuild) -> Run:

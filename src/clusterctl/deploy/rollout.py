@@ -25,7 +25,7 @@ from clusterctl.deploy.gate import ReadOnly
 from clusterctl.deploy.managers import manager
 from clusterctl.deploy.model import PHASES, ROUTER, Desired, NodeFacts, Phase, Step
 from clusterctl.engines import LaunchSpec, launch_specs
-from clusterctl.errors import ClusterctlError
+from clusterctl.errors import ClusterctlError, ExitCode, most_severe
 from clusterctl.inventory import Inventory
 from clusterctl.lockfile import LockFile
 from clusterctl.planner import Plan
@@ -46,15 +46,22 @@ class DeployResult:
         return all(r.ok for r in self.nodes.values())
 
     @property
+    def exit_code(self) -> ExitCode:
+        """The most severe of the nodes' exit codes (errors.SEVERITY), OK when all succeeded."""
+        return most_severe(r.exit_code for r in self.nodes.values())
+
+    @property
     def changes(self) -> int:
         return sum(len(r.steps) for r in self.nodes.values())
 
     def to_json(self) -> dict[str, object]:
         return {
-            "ok": self.ok, "dry_run": self.dry_run, "seconds": round(self.seconds, 3), "changes": self.changes,
+            "ok": self.ok, "exit_code": int(self.exit_code),
+            "dry_run": self.dry_run, "seconds": round(self.seconds, 3), "changes": self.changes,
             "nodes": {
                 name: {
-                    "ok": r.ok, "failed": r.failed, "log_tail": r.log_tail, "rolled_back": r.rolled_back,
+                    "ok": r.ok, "exit_code": int(r.exit_code), "failed": r.failed, "log_tail": r.log_tail,
+                    "rolled_back": r.rolled_back,
                     "bytes_sent": r.bytes_sent,
                     "steps": [{"phase": s.phase, "kind": s.kind, "target": s.target, "reason": s.reason,
                                "bytes": s.bytes, "done": s in r.done, "sensitive": s.sensitive,
@@ -138,10 +145,6 @@ class NodeRun:
             self.executor().apply(steps)
 
 
-def _failure(exc: ClusterctlError) -> str:
-    return str(exc) + (f" ({exc.hint})" if exc.hint else "")
-
-
 def deploy(inv: Inventory, lock: LockFile, rendered: Rendered, connect: Connector, *,
            nodes: list[str] | None = None, phases: tuple[Phase, ...] = PHASES, dry_run: bool = False,
            max_fail: int = 0, reporter: Reporter | None = None, plan: Plan | None = None) -> DeployResult:
@@ -150,7 +153,7 @@ def deploy(inv: Inventory, lock: LockFile, rendered: Rendered, connect: Connecto
     reporter = reporter or NullReporter()
     started = time.monotonic()
     wanted = nodes or list(inv.nodes)
-    desired = build_desired(inv, lock, rendered, plan)
+    desired = build_desired(inv, lock, rendered, plan, read_secrets=not dry_run)
     specs = service_specs(inv, plan)
     runs: dict[str, NodeRun] = {}
     results: dict[str, NodeResult] = {}
@@ -170,7 +173,7 @@ def deploy(inv: Inventory, lock: LockFile, rendered: Rendered, connect: Connecto
             results[name] = run.result
         except (TransportError, ClusterctlError) as exc:
             results[name] = runs[name].result if name in runs else NodeResult(name)
-            results[name].failed = _failure(exc)
+            results[name].fail(exc)
 
     workers = max(1, min(inv.cluster.max_parallel, len(wanted)))
     try:
@@ -188,7 +191,7 @@ def deploy(inv: Inventory, lock: LockFile, rendered: Rendered, connect: Connecto
                         try:
                             runs[name].run_phase(phase, services_wave=wave)
                         except (TransportError, ClusterctlError) as exc:
-                            results[name].failed = _failure(exc)
+                            results[name].fail(exc)
 
                     list(pool.map(step, [n for n in wanted if n in runs and results[n].ok]))
     finally:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import httpx
 
-from clusterctl.errors import MetadataError, NetworkError
+from clusterctl.errors import MetadataError
 from clusterctl.models import remote
 from clusterctl.models.meta import ModelMeta, TensorGroupBytes
 
@@ -430,15 +430,7 @@ def _get(client: httpx.Client, url: str, token: str | None, label: str) -> tuple
     headers = {"Accept-Encoding": "identity"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    try:
-        response = client.get(url, headers=headers, follow_redirects=True)
-    except httpx.TimeoutException as exc:
-        raise NetworkError(f"timed out reading {label}") from exc
-    except httpx.TransportError as exc:
-        raise NetworkError(
-            f"cannot reach {httpx.URL(url).host}: {type(exc).__name__}: {exc}",
-            "check the network, the URL or HF_ENDPOINT",
-        ) from exc
+    response = remote.with_backoff(lambda: client.get(url, headers=headers, follow_redirects=True), label, url)
     commit = None
     for r in (*response.history, response):
         commit = r.headers.get("x-repo-commit") or commit
@@ -470,7 +462,7 @@ def read_hf_config(
         raise MetadataError(f"{src}: safetensors metadata is read from hf:// or local sources")
     if src.is_glob:
         remote.source_url(src)
-    token = remote.hf_token(token)
+    token = remote.token_for(remote.hf_endpoint(endpoint), remote.hf_token(token), endpoint=endpoint)
     folder = src.path.strip("/")
 
     def url(name: str) -> str:

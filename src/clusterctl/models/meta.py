@@ -29,6 +29,16 @@ class TensorGroupBytes(BaseModel):
         return self.token_embd + self.output + sum(self.layers) + self.other
 
 
+class FilePin(BaseModel):
+    """What one downloaded file must be: its size and, for hub LFS files, its sha256."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    size: int = Field(ge=0, description="bytes")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
+                               description="the LFS object's sha256; None: a plain git file (size only)")
+
+
 class ModelMeta(BaseModel):
     """Architecture facts and byte totals of one model file set."""
 

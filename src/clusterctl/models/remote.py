@@ -6,9 +6,12 @@ Sources look like `hf://org/repo[@revision]/path/in/repo.gguf`, `https://host/fi
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
 import os
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -120,6 +123,27 @@ def hf_token(token: str | None = None) -> str | None:
     return token or os.environ.get(TOKEN_ENV) or None
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    default = {"https": 443, "http": 80}.get(parts.scheme)
+    try:
+        port = parts.port or default
+    except ValueError:
+        port = None
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def is_hub_url(url: str, *, endpoint: str | None = None) -> bool:
+    """True when `url` is on the hub's own origin (scheme, host and port of the endpoint):
+    the only place a hub token may go."""
+    return _origin(url) == _origin(hf_endpoint(endpoint))
+
+
+def token_for(url: str, token: str | None, *, endpoint: str | None = None) -> str | None:
+    """`token` when `url` is on the hub's origin, else None: a token never leaves the hub."""
+    return token if token and is_hub_url(url, endpoint=endpoint) else None
+
+
 def source_url(source: Source, *, endpoint: str | None = None) -> str:
     """The URL to fetch for an hf:// or http(s) source; globs and missing file paths are errors."""
     if source.scheme == "hf":
@@ -203,17 +227,13 @@ class HttpRangeReader:
         self._stream_rest = b""
 
     def _open(self, headers: dict[str, str]) -> httpx.Response:
-        self.requests += 1
-        try:
+        def send() -> httpx.Response:
+            self.requests += 1
             request = self._client.build_request("GET", self.url, headers=headers)
-            response = self._client.send(request, stream=True, follow_redirects=True)
-        except httpx.TimeoutException as exc:
-            raise NetworkError(f"timed out reading {self.label}", "check the network or the endpoint") from exc
-        except httpx.TransportError as exc:
-            raise NetworkError(
-                f"cannot reach {urlsplit(self.url).netloc}: {type(exc).__name__}: {exc}",
-                "check the network, the URL or HF_ENDPOINT",
-            ) from exc
+            # httpx drops Authorization when a redirect leaves the origin (tests pin this)
+            return self._client.send(request, stream=True, follow_redirects=True)
+
+        response = with_backoff(send, self.label, self.url)
         for r in (*response.history, response):
             commit = r.headers.get("x-repo-commit")
             if commit:
@@ -311,6 +331,52 @@ class HttpRangeReader:
         return int(m.group(1)) if m.group(1) is not None else None
 
 
+RETRY_STATUSES = (429, 503)
+MAX_ATTEMPTS = 4
+MAX_WAIT = 30.0  # seconds: the longest Retry-After honoured; a longer one is an error now
+_sleep = time.sleep  # tests replace it
+
+
+def retry_after(response: httpx.Response, attempt: int) -> float:
+    """Seconds to wait before the next attempt: the server's Retry-After (seconds or an HTTP
+    date), else 1, 2, 4... seconds."""
+    value = response.headers.get("retry-after", "").strip()
+    if value.isdigit():
+        return float(value)
+    if value:
+        with contextlib.suppress(TypeError, ValueError, IndexError):
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time())
+    return float(2 ** (attempt - 1))
+
+
+def with_backoff(send: Callable[[], httpx.Response], label: str, url: str) -> httpx.Response:
+    """`send()` with transport errors as NetworkError and 429/503 retried with bounded
+    backoff (Retry-After honoured up to MAX_WAIT, at most MAX_ATTEMPTS tries)."""
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            response = send()
+        except httpx.TimeoutException as exc:
+            raise NetworkError(f"timed out reading {label}", "check the network or the endpoint") from exc
+        except httpx.TransportError as exc:
+            raise NetworkError(
+                f"cannot reach {urlsplit(url).netloc}: {type(exc).__name__}: {exc}",
+                "check the network, the URL or HF_ENDPOINT",
+            ) from exc
+        if response.status_code not in RETRY_STATUSES:
+            return response
+        wait = retry_after(response, attempt)
+        if attempt == MAX_ATTEMPTS or wait > MAX_WAIT:
+            response.close()
+            what = "rate limited (HTTP 429)" if response.status_code == 429 else "unavailable (HTTP 503)"
+            after = f"; it asks to wait {wait:.0f} s" if wait > MAX_WAIT else ""
+            raise NetworkError(f"{label}: {what} after {attempt} attempt(s){after}",
+                               "wait a while and run it again; a token (HF_TOKEN) raises the hub's limits")
+        response.close()
+        _sleep(wait)
+    raise AssertionError("unreachable")
+
+
 def raise_for_status(response: httpx.Response, label: str) -> None:
     """Turn an HTTP error status into a MetadataError (4xx) or NetworkError (5xx)."""
     status = response.status_code
@@ -356,8 +422,7 @@ def read_remote(
     source = url_or_source if isinstance(url_or_source, Source) else parse_source(url_or_source)
     if source.scheme == "file":
         return gguf_reader.read_local(Path(source.path))
-    if source.scheme == "hf":
-        token = hf_token(token)
+    token = hf_token(token) if source.scheme == "hf" else token
     first_url = source_url(source, endpoint=endpoint)
     if source.scheme == "hf":
         paths = gguf_reader.split_part_names(source.path)
@@ -374,7 +439,8 @@ def read_remote(
         for i, (url, name) in enumerate(zip(urls, names, strict=True)):
             label = str(source) if len(urls) == 1 else f"{source} (part {name})"
             first_chunk = gguf_reader.FIRST_CHUNK if i == 0 else gguf_reader.JUMP_CHUNK
-            with HttpRangeReader(url, token=token, client=http, label=label) as reader:
+            with HttpRangeReader(url, token=token_for(url, token, endpoint=endpoint), client=http,
+                                 label=label) as reader:
                 header = gguf_reader.read_gguf_header(reader.read_at, first_chunk=first_chunk)
                 if reader.size is None:
                     raise MetadataError(f"{label}: the server did not tell the file size")

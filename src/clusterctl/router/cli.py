@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import typer
@@ -10,7 +11,7 @@ router_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exce
                          rich_markup_mode=None)
 
 
-def _fail(exc: Exception, code: int, hint: str | None = None) -> typer.Exit:
+def _fail(exc: Exception | str, code: int, hint: str | None = None) -> typer.Exit:
     typer.echo(f"error: {exc}", err=True)
     if hint:
         typer.echo(f"  hint: {hint}", err=True)
@@ -57,4 +58,18 @@ def serve(
     except KeyFileError as exc:
         raise _fail(exc, int(ExitCode.INVALID_INVENTORY)) from None
     except OSError as exc:
-        raise _fail(exc, int(ExitCode.FAILURE), "is the port already in use?") from None
+        where = _listen_address(host or table.listen_host, table.listen_port if port is None else port)
+        reason = exc.strerror or str(exc)
+        hint = BIND_HINTS.get(exc.errno or 0, "check --host and --port (or the table's listen_host/listen_port)")
+        raise _fail(f"cannot listen on {where}: {reason}", int(ExitCode.NETWORK), hint) from None
+
+
+BIND_HINTS = {
+    errno.EADDRINUSE: "another process listens on that port: stop it, or choose another with --port",
+    errno.EADDRNOTAVAIL: "that address is not on this machine: use one of its addresses, or 0.0.0.0 / ::",
+    errno.EACCES: "ports below 1024 need privileges: choose a higher --port",
+}
+
+
+def _listen_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -18,6 +18,7 @@ import base64
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import posixpath
 import secrets
@@ -60,6 +61,13 @@ from clusterctl.transport.local import (
     read_with_sudo,
     timeout_message,
 )
+
+# Paramiko logs a failed negotiation or a dropped connection with its traceback; with no
+# handler configured, Python's last-resort handler prints that to stderr. The failure reaches
+# the user once, as the typed error this module raises, so Paramiko's own records go nowhere.
+_PARAMIKO_LOG = logging.getLogger("paramiko")
+_PARAMIKO_LOG.addHandler(logging.NullHandler())
+_PARAMIKO_LOG.propagate = False
 
 WINDOW_SIZE = 8 << 20  # receive window per channel (the default 2 MiB limits `get` of large files)
 PUSH_CHUNK = 1 << 20  # bytes read from the local file per write
