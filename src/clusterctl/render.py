@@ -239,12 +239,13 @@ def route_table(inv: Inventory) -> RouteTable | None:
         backends[name] = Backend(url=http_url(host, svc.default_port), model=served, api_key_file=key,
                                  max_concurrency=max(1, svc.parallel * 2),
                                  health_path=health_path(svc),
-                                 timeout=max(600.0, svc.startup_timeout))
+                                 timeout=max(600.0, svc.startup_timeout), startup=svc.startup_timeout)
     return RouteTable(
         cluster=inv.cluster.name, listen_host=r.bind, listen_port=r.port,
         api_keys_file=secret_path(ROUTER_SERVICE) if r.api_key else None,
         backends=backends, routes={k: list(v) for k, v in sorted(r.routes.items())}, default=list(r.default),
-        health=Health(interval=r.health.interval, timeout=r.health.timeout, failures=r.health.failures),
+        health=Health(interval=r.health.interval, timeout=r.health.timeout, failures=r.health.failures,
+                      cooldown=r.health.cooldown, recoveries=r.health.recoveries),
         queue=Queue(size=r.queue, timeout=r.queue_timeout),
     )
 

@@ -12,7 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from clusterctl.cli import app
-from clusterctl.router.config import Backend, Health, RouteTable
+from clusterctl.inventory import load_inventory
+from clusterctl.render import route_table
+from clusterctl.router.config import Backend, Health, Queue, RouteTable
 from clusterctl.router.keys import ClientKeys, KeyFileError, read_upstream_key
 from clusterctl.router.selection import Selector, UnknownModel, parse_classifier_answer, prompt_texts
 from clusterctl.router.server import find_usage
@@ -222,6 +224,62 @@ def test_recovery_after_cooldown_and_consecutive_passes() -> None:
     assert not s.up
     assert s.record_check(True, 13.0) is True
     assert s.up and s.failures == 0
+
+
+def test_a_starting_backend_is_tried_but_never_ejected_within_its_grace() -> None:
+    s = BackendState("a", Backend(url="http://x:1", model="m", startup=50.0),
+                     Health(failures=1, cooldown=30.0, recoveries=2))
+    s.begin(100.0)
+    assert (s.state, s.available, s.healthy) == ("starting", True, False)
+    for t in (100.0, 120.0, 149.9):
+        assert s.record_failure(t, "connect") is False
+        assert s.record_check(False, t, "health connect") is None
+    assert (s.state, s.failures, s.last_error) == ("starting", 0, "health connect")
+    # the grace is over and it never answered: from now on an ordinary backend
+    assert s.record_check(False, 150.0, "health connect") is False
+    assert (s.state, s.ejected_until) == ("ejected", 180.0)
+
+
+def test_a_starting_backend_is_up_at_its_first_pass_or_answer() -> None:
+    checked = BackendState("a", Backend(url="http://x:1", model="m"), Health(failures=1, recoveries=5))
+    checked.begin(0.0)
+    checked.record_check(False, 1.0, "health HTTP 503")
+    assert checked.record_check(True, 2.0) is True  # one pass: `recoveries` is for coming back
+    assert (checked.state, checked.last_error) == ("up", None)
+    assert checked.record_check(True, 3.0) is None
+    answered = BackendState("b", Backend(url="http://x:1", model="m"), Health(failures=1))
+    answered.begin(0.0)
+    assert answered.record_success() is True
+    assert answered.record_success() is False
+    assert answered.state == "up"
+    assert answered.record_failure(1.0, "connect") is True  # now its failures count
+
+
+def test_the_dispatcher_takes_starting_backends_in_chain_order() -> None:
+    a, b = backend_state("a"), backend_state("b")
+    a.begin(0.0)
+    d = Dispatcher({"a": a, "b": b}, queue_size=0, queue_timeout=1.0)
+    got = d.try_acquire(("a", "b"))
+    assert got is a and a.starting
+
+
+def test_route_table_from_the_inventory_defaults_and_settings(tmp_path: Path) -> None:
+    demo = Path(__file__).resolve().parents[2] / "inventories" / "local-demo.yaml"
+    t = route_table(load_inventory(demo))
+    assert t is not None
+    assert t.health == Health(interval=2.0, timeout=2.0, failures=3, cooldown=30.0, recoveries=2)
+    assert t.queue == Queue(size=64, timeout=300.0)
+    assert (t.backends["chat"].max_concurrency, t.backends["chat"].startup) == (2, 120.0)  # parallel 1; 120s
+    text = demo.read_text(encoding="utf-8")
+    health = "  health: {interval: 2s, timeout: 2s}\n"
+    assert health in text
+    tuned = tmp_path / "tuned.yaml"
+    tuned.write_text(text.replace(health, "  health: {interval: 2s, timeout: 2s, cooldown: 5s, recoveries: 1}\n"
+                                          "  queue: 8\n  queue_timeout: 2m\n"), encoding="utf-8")
+    t = route_table(load_inventory(tuned))
+    assert t is not None
+    assert t.health == Health(interval=2.0, timeout=2.0, failures=3, cooldown=5.0, recoveries=1)
+    assert t.queue == Queue(size=8, timeout=120.0)
 
 
 # -- dispatcher -------------------------------------------------------------------------------

@@ -82,6 +82,10 @@ def backend_up(router: RouterThread, name: str) -> bool:
     return bool(httpx.get(f"{router.url}/health").json()["backends"][name]["up"])
 
 
+def backend_state(router: RouterThread, name: str) -> str:
+    return str(httpx.get(f"{router.url}/health").json()["backends"][name]["state"])
+
+
 # -- selection --------------------------------------------------------------------------------
 
 
@@ -247,8 +251,10 @@ def test_last_5xx_is_relayed_and_refusals_are_502(make_router: MakeRouter, up: d
     assert resp.status_code == 502
     error = resp.json()["error"]
     assert error["route"] == "gone" and error["code"] == "upstream_failed"
-    assert error["message"].startswith("route 'gone': every backend of the chain was tried (d1: cannot connect (")
-    assert "; d2: cannot connect (" in error["message"]
+    # never healthy since the router started: tried, and named as starting
+    assert error["message"].startswith(
+        "route 'gone': every backend of the chain was tried (d1 (starting): cannot connect (")
+    assert "; d2 (starting): cannot connect (" in error["message"]
 
 
 def test_no_retry_after_the_first_byte(make_router: MakeRouter, up: dict[str, Upstream]) -> None:
@@ -322,6 +328,7 @@ def test_passive_ejection_after_consecutive_failures(make_router: MakeRouter, up
 def test_active_ejection_cooldown_and_recovery_after_passing_checks(make_router: MakeRouter,
                                                                    up: dict[str, Upstream]) -> None:
     r = make_router(health={"interval": 0.1, "timeout": 2.0, "failures": 2, "cooldown": 1.5, "recoveries": 3})
+    wait_for(lambda: backend_state(r, "a") == "up", what="a up")
     up["a"].set(health=503)
     wait_for(lambda: not backend_up(r, "a"), what="a ejected")
     ejected_checks = up["a"].stats()["health_checks"]
@@ -335,7 +342,8 @@ def test_active_ejection_cooldown_and_recovery_after_passing_checks(make_router:
     wait_for(lambda: backend_up(r, "a"), what="a recovered")
     assert up["a"].stats()["health_checks"] - turned >= 3
     assert httpx.post(f"{r.url}{CHAT}", json=chat(model="chat")).headers["X-Clusterctl-Backend"] == "a"
-    assert [e["event"] for e in r.log.events() if e.get("backend") == "a"] == ["backend_ejected", "backend_recovered"]
+    assert [e["event"] for e in r.log.events() if e.get("backend") == "a"] == [
+        "backend_ready", "backend_ejected", "backend_recovered"]
 
 
 def test_a_backend_without_health_path_is_checked_by_connecting(make_router: MakeRouter,
@@ -345,7 +353,8 @@ def test_a_backend_without_health_path_is_checked_by_connecting(make_router: Mak
     closed.bind(("127.0.0.1", 0))
     gone = f"http://127.0.0.1:{closed.getsockname()[1]}"
     closed.close()  # nothing listens there now
-    r = make_router(backends={"a": {"url": up["a"].url, "health_path": None}, "b": {"url": gone, "health_path": None}},
+    r = make_router(backends={"a": {"url": up["a"].url, "health_path": None},
+                              "b": {"url": gone, "health_path": None, "startup": 0}},
                     routes={"chat": ["b", "a"]},
                     health={"interval": 0.1, "failures": 1, "cooldown": 30.0, "recoveries": 1})
     up["a"].set(health=503)  # would eject an HTTP-checked backend
@@ -360,6 +369,7 @@ def test_a_backend_without_health_path_is_checked_by_connecting(make_router: Mak
 def test_queue_times_out_with_503_naming_the_route(make_router: MakeRouter, up: dict[str, Upstream]) -> None:
     r = make_router(routes={"chat": ["a"]}, queue={"size": 4, "timeout": 0.5},
                     health={"interval": 0.1, "failures": 1, "cooldown": 0.0, "recoveries": 1})
+    wait_for(lambda: backend_state(r, "a") == "up", what="a up")  # healthy once: it can be ejected
     up["a"].set(health=503)
     wait_for(lambda: not backend_up(r, "a"), what="a ejected")
     start = time.monotonic()
@@ -376,6 +386,7 @@ def test_queue_times_out_with_503_naming_the_route(make_router: MakeRouter, up: 
 def test_full_queue_answers_503_at_once(make_router: MakeRouter, up: dict[str, Upstream]) -> None:
     r = make_router(routes={"chat": ["a"]}, queue={"size": 0, "timeout": 5.0},
                     health={"interval": 0.1, "failures": 1, "cooldown": 0.0, "recoveries": 1})
+    wait_for(lambda: backend_state(r, "a") == "up", what="a up")  # healthy once: it can be ejected
     up["a"].set(health=503)
     wait_for(lambda: not backend_up(r, "a"), what="a ejected")
     resp = httpx.post(f"{r.url}{CHAT}", json=chat(model="chat"))
@@ -387,6 +398,7 @@ def test_queued_request_is_served_when_a_backend_recovers(make_router: MakeRoute
                                                          up: dict[str, Upstream]) -> None:
     r = make_router(routes={"chat": ["a"]}, queue={"size": 4, "timeout": 20.0},
                     health={"interval": 0.1, "failures": 1, "cooldown": 0.0, "recoveries": 2})
+    wait_for(lambda: backend_state(r, "a") == "up", what="a up")  # healthy once: it can be ejected
     up["a"].set(health=503)
     wait_for(lambda: not backend_up(r, "a"), what="a ejected")
     result: dict[str, httpx.Response] = {}
@@ -402,6 +414,120 @@ def test_queued_request_is_served_when_a_backend_recovers(make_router: MakeRoute
     resp = result["resp"]
     assert resp.status_code == 200 and resp.headers["X-Clusterctl-Backend"] == "a"
     assert sample(metrics(r), "clusterctl_router_queue_depth", route="chat") == 0
+
+
+def test_backends_not_started_yet_are_tried_and_serve_once_they_answer(make_router: MakeRouter,
+                                                                       up: dict[str, Upstream]) -> None:
+    """A first deploy: the router starts before the services behind it. Their failed checks and
+    refused requests neither eject them nor start a cool-down; the first answer puts them in."""
+    late = Upstream("late")  # its port is known, nothing listens there yet
+    r = make_router({"late": late.url, "a": up["a"].url}, {"solo": ["late"], "chat": ["late", "a"]},
+                    health={"interval": 60.0, "failures": 1, "cooldown": 60.0, "recoveries": 2})
+    wait_for(lambda: httpx.get(f"{r.url}/health").json()["backends"]["late"]["last_error"] == "health connect",
+             what="late's first check failed")
+    assert backend_state(r, "late") == "starting"
+    # while it is not there: the chain moves on to `a`, a chain of it alone gets the refusal as 502
+    for _ in range(3):
+        resp = httpx.post(f"{r.url}{CHAT}", json=chat(model="chat"))
+        assert (resp.status_code, resp.headers["X-Clusterctl-Backend"]) == (200, "a")
+    resp = httpx.post(f"{r.url}{CHAT}", json=chat(model="solo"))
+    assert resp.status_code == 502
+    assert resp.json()["error"]["message"].startswith(
+        "route 'solo': every backend of the chain was tried (late (starting): cannot connect (")
+    try:
+        late.start()
+        late.set(mode="error", status=503, health=503)  # up, loading its model (llama-server's 503)
+        resp = httpx.post(f"{r.url}{CHAT}", json=chat(model="chat"))
+        assert (resp.status_code, resp.headers["X-Clusterctl-Backend"]) == (200, "a")
+        resp = httpx.post(f"{r.url}{CHAT}", json=chat(model="solo"))
+        assert (resp.status_code, resp.json()) == (503, {"error": {"message": "late fails on purpose", "code": 503}})
+        assert backend_state(r, "late") == "starting"
+        late.set(mode="ok", health=200)  # loaded: the next request is its, no check needed (next in 60 s)
+        resp = httpx.post(f"{r.url}{CHAT}", json=chat(model="chat"))
+        assert (resp.status_code, resp.headers["X-Clusterctl-Backend"]) == (200, "late")
+        assert backend_state(r, "late") == "up"
+        resp = httpx.post(f"{r.url}{CHAT}", json=chat(model="solo"))
+        assert (resp.status_code, resp.headers["X-Clusterctl-Backend"]) == (200, "late")
+        assert len(late.requests()) == 4  # 2 while loading, 2 answered
+    finally:
+        late.stop()
+    values = metrics(r)
+    assert sample(values, "clusterctl_router_backend_ejections_total", backend="late") is None
+    assert sample(values, "clusterctl_router_upstream_failures_total", backend="late", reason="connect") == 4
+    assert sample(values, "clusterctl_router_upstream_failures_total", backend="late", reason="http_5xx") == 2
+    events = [(e["event"], e.get("via")) for e in r.log.events() if e.get("backend") == "late"]
+    assert events == [("backend_ready", "request")]
+
+
+def test_a_backend_first_healthy_by_its_check_needs_one_pass(make_router: MakeRouter,
+                                                            up: dict[str, Upstream]) -> None:
+    """Never in rotation before: one passing check is enough (`recoveries` is for coming back)."""
+    r = make_router(routes={"chat": ["a"]}, health={"interval": 0.1, "failures": 1, "recoveries": 50})
+    wait_for(lambda: backend_state(r, "a") == "up", what="a up")
+    ready = [e for e in r.log.events() if e.get("event") == "backend_ready"]
+    assert [(e["backend"], e["via"]) for e in ready if e["backend"] == "a"] == [("a", "check")]
+    assert up["a"].stats()["health_checks"] < 50
+
+
+def _concurrent(r: RouterThread, stages: list[tuple[int, Callable[[], bool], str]]) -> list[httpx.Response]:
+    """Send requests from threads in stages: each stage's requests, then wait for its condition."""
+    results: list[httpx.Response] = []
+    threads: list[threading.Thread] = []
+    for count, condition, what in stages:
+        for _ in range(count):
+            thread = threading.Thread(target=lambda: results.append(
+                httpx.post(f"{r.url}{CHAT}", json=chat(model="chat"), timeout=60)))
+            thread.start()
+            threads.append(thread)
+        wait_for(condition, what=what)
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def in_flight(r: RouterThread) -> int:
+    return sum(b["in_flight"] for b in httpx.get(f"{r.url}/health").json()["backends"].values())
+
+
+def queue_depth(r: RouterThread) -> int:
+    return int(httpx.get(f"{r.url}/health").json()["queue_depth"])
+
+
+def test_default_queue_holds_requests_beyond_the_chains_slots(make_router: MakeRouter,
+                                                              up: dict[str, Upstream]) -> None:
+    """8 requests at once to a chain of 6 slots: the 2 beyond them wait for a slot (the default
+    queue), none is refused."""
+    backends = {name: {"url": u.url, "max_concurrency": 2} for name, u in up.items()}
+    r = make_router(backends, {"chat": ["a", "b", "c"]})
+    assert r.router.table.queue.size == 64 and r.router.table.queue.timeout == 300.0
+    for u in up.values():
+        u.set(delay=3.0)
+    results = _concurrent(r, [(6, lambda: in_flight(r) == 6, "6 in flight"),
+                              (2, lambda: queue_depth(r) == 2, "2 queued")])
+    assert sorted(resp.status_code for resp in results) == [200] * 8
+    assert sorted(u.stats()["max_in_flight"] for u in up.values()) == [2, 2, 2]
+    assert sum(u.stats()["served"] for u in up.values()) == 8
+    assert sample(metrics(r), "clusterctl_router_queued_total", route="chat") == 2
+
+
+def test_without_a_queue_requests_beyond_the_slots_get_503_at_once(make_router: MakeRouter,
+                                                                  up: dict[str, Upstream]) -> None:
+    backends = {name: {"url": u.url, "max_concurrency": 2} for name, u in up.items()}
+    r = make_router(backends, {"chat": ["a", "b", "c"]}, queue={"size": 0})
+    for u in up.values():
+        u.set(delay=3.0)
+    refused: list[httpx.Response] = []
+
+    def two_more() -> bool:
+        for _ in range(2):
+            refused.append(httpx.post(f"{r.url}{CHAT}", json=chat(model="chat"), timeout=60))
+        return True
+
+    results = _concurrent(r, [(6, lambda: in_flight(r) == 6, "6 in flight"), (0, two_more, "2 more sent")])
+    assert [resp.status_code for resp in results] == [200] * 6
+    assert [(resp.status_code, resp.json()["error"]["message"]) for resp in refused] == [
+        (503, "route 'chat': every backend is busy")] * 2
+    assert sample(metrics(r), "clusterctl_router_queued_total", route="chat") is None
 
 
 def test_concurrency_limit_makes_excess_wait(make_router: MakeRouter, up: dict[str, Upstream]) -> None:
@@ -508,17 +634,30 @@ def test_health_reports_state_without_secrets(make_router: MakeRouter, up: dict[
     upkey = tmp_path / "k"
     upkey.write_text("sk-secret\n")
     upkey.chmod(0o600)
-    dead = f"http://127.0.0.1:{free_port()}"
-    r = make_router({"a": {"url": up["a"].url, "api_key_file": str(upkey)}, "dead": dead},
-                    {"chat": ["a"], "gone": ["dead"]},
+    dead, later = (f"http://127.0.0.1:{free_port()}" for _ in range(2))
+    r = make_router({"a": {"url": up["a"].url, "api_key_file": str(upkey)}, "dead": {"url": dead, "startup": 0},
+                     "later": later},
+                    {"chat": ["a"], "gone": ["dead"], "soon": ["later", "a"]},
                     health={"interval": 0.1, "failures": 1, "cooldown": 30.0})
     wait_for(lambda: not backend_up(r, "dead"), what="dead ejected")
+    wait_for(lambda: backend_up(r, "a"), what="a up")
     resp = httpx.get(f"{r.url}/health")
     assert resp.status_code == 200
     body = resp.json()
     assert body["status"] == "degraded"
-    assert body["routes"] == {"chat": {"up": True, "backends_up": ["a"]}, "gone": {"up": False, "backends_up": []}}
-    assert body["backends"]["a"] == {"up": True, "in_flight": 0, "max_concurrency": 64, "consecutive_failures": 0}
+    assert body["routes"] == {"chat": {"up": True, "backends_up": ["a"], "backends_starting": []},
+                              "gone": {"up": False, "backends_up": [], "backends_starting": []},
+                              "soon": {"up": True, "backends_up": ["a"], "backends_starting": ["later"]}}
+    assert body["backends"]["a"] == {"state": "up", "up": True, "in_flight": 0, "max_concurrency": 64,
+                                     "consecutive_failures": 0, "last_error": None}
+    # `later` never answered, but within its startup grace: starting, its failures not counted
+    wait_for(lambda: httpx.get(f"{r.url}/health").json()["backends"]["later"]["last_error"] is not None,
+             what="a failed check of later")
+    assert httpx.get(f"{r.url}/health").json()["backends"]["later"] == {
+        "state": "starting", "up": False, "in_flight": 0, "max_concurrency": 64, "consecutive_failures": 0,
+        "last_error": "health connect"}
+    assert body["backends"]["dead"] == {"state": "ejected", "up": False, "in_flight": 0, "max_concurrency": 64,
+                                        "consecutive_failures": 1, "last_error": "health connect"}
     text = resp.text
     assert "127.0.0.1" not in text and "sk-secret" not in text and str(upkey) not in text
 

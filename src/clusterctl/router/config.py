@@ -26,6 +26,9 @@ class Backend(_Strict):
         "/health", description="GET it for the active health check; null: a TCP connect is the check")
     timeout: float = Field(600.0, gt=0, description="seconds for a whole upstream request")
     connect_timeout: float = Field(5.0, gt=0)
+    startup: float = Field(
+        600.0, ge=0, description="seconds after the router starts in which a backend not yet healthy is "
+        "'starting': tried, but its failures neither eject it nor count")
 
 
 class Health(_Strict):
@@ -36,9 +39,14 @@ class Health(_Strict):
     recoveries: int = Field(2, ge=1, description="consecutive passing checks before it comes back")
 
 
+QUEUE_SIZE = 64
+QUEUE_TIMEOUT = 300.0
+
+
 class Queue(_Strict):
-    size: int = Field(0, ge=0, description="requests held while every backend of a route is down")
-    timeout: float = Field(30.0, ge=0)
+    size: int = Field(QUEUE_SIZE, ge=0, description="requests that may wait for a backend slot (every backend "
+                      "of their chain busy or down), all routes together; 0: none wait")
+    timeout: float = Field(QUEUE_TIMEOUT, ge=0, description="seconds one request may wait for a slot")
 
 
 class Rule(_Strict):

@@ -20,8 +20,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-StateSource = Callable[[], tuple[Mapping[str, bool], Mapping[str, int], Mapping[str, int]]]
-"""Returns (backend -> up, backend -> requests in flight, route -> queue depth) at scrape time."""
+StateSource = Callable[[], tuple[Mapping[str, str], Mapping[str, int], Mapping[str, int]]]
+"""Returns (backend -> state: starting, up or ejected; backend -> requests in flight; route ->
+queue depth) at scrape time."""
 
 
 class _StateCollector(Collector):
@@ -29,11 +30,16 @@ class _StateCollector(Collector):
         self.source = source
 
     def collect(self) -> Iterable[Metric]:
-        up, in_flight, depth = self.source()
-        g = GaugeMetricFamily(f"{PREFIX}_backend_up", "1 when the backend is in rotation, 0 when ejected",
-                              labels=["backend"])
-        for name, value in sorted(up.items()):
-            g.add_metric([name], 1.0 if value else 0.0)
+        states, in_flight, depth = self.source()
+        g = GaugeMetricFamily(f"{PREFIX}_backend_up", "1 when the backend is in rotation and has been healthy, "
+                              "0 when ejected or still starting", labels=["backend"])
+        for name, value in sorted(states.items()):
+            g.add_metric([name], 1.0 if value == "up" else 0.0)
+        yield g
+        g = GaugeMetricFamily(f"{PREFIX}_backend_starting", "1 while the backend has not been healthy since the "
+                              "router started (tried, failures not counted)", labels=["backend"])
+        for name, value in sorted(states.items()):
+            g.add_metric([name], 1.0 if value == "starting" else 0.0)
         yield g
         g = GaugeMetricFamily(f"{PREFIX}_in_flight", "Requests in flight to each backend", labels=["backend"])
         for name, count in sorted(in_flight.items()):
@@ -83,6 +89,8 @@ class Metrics:
                                  ["route", "backend"], registry=r)
         self.auto = Counter(f"{PREFIX}_auto_selections", "model=auto requests by chosen route and how (rule, "
                             "classifier, default)", ["route", "via"], registry=r)
+        self.queued = Counter(f"{PREFIX}_queued", "Requests that waited in the queue for a backend slot",
+                              ["route"], registry=r)
         self.ejections = Counter(f"{PREFIX}_backend_ejections", "Times a backend was taken out of rotation",
                                  ["backend"], registry=r)
         r.register(_StateCollector(state))
@@ -131,6 +139,9 @@ class Metrics:
 
     def auto_selection(self, route: str, via: str) -> None:
         self._child(self.auto, route, via).inc()
+
+    def queued_request(self, route: str) -> None:
+        self._child(self.queued, route).inc()
 
     def ejected(self, backend: str) -> None:
         self._child(self.ejections, backend).inc()

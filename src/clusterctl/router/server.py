@@ -3,7 +3,8 @@ look-up, no Application) in front of pooled keep-alive upstream connections (ups
 
 One process, one event loop. Per request: check the client key, read the body (bounded), parse
 it once (orjson) for `model`/`stream`, pick a chain (selection.py), take a slot on the first
-backend of the chain that is up and not full (state.py), send the request with `model`
+backend of the chain that is in rotation (up, or starting: not yet healthy since the router
+started) and not full (state.py), or wait in the queue for one; send the request with `model`
 rewritten, and relay the answer. A failure before the first byte reaches the client (refused,
 timed out, 5xx, connection dropped) moves the request on to the next backend of the chain; after
 the first byte nothing is retried: the client's connection is cut so that it sees the stream
@@ -198,9 +199,11 @@ class Router:
     def __init__(self, table: RouteTable, *, log: JsonLog | None = None) -> None:
         self.table = table
         self.log = log or JsonLog()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.selector = Selector(table)
         self.states = {name: BackendState(name, b, table.health) for name, b in table.backends.items()}
-        self.dispatcher = Dispatcher(self.states, table.queue.size, table.queue.timeout)
+        self.dispatcher = Dispatcher(self.states, table.queue.size, table.queue.timeout,
+                                     on_wait=lambda route: self.metrics.queued_request(route))
         self.metrics = Metrics(self._state_snapshot)
         self.keys = ClientKeys(None)
         self._pools = {name: Pool(_upstream_base(b.url), connect_timeout=b.connect_timeout)
@@ -210,7 +213,6 @@ class Router:
         self._tasks: list[asyncio.Task[None]] = []
         self._routes = self._make_routes()
         self._runner: web.ServerRunner | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.port: int | None = None
         self.load_keys()
 
@@ -281,6 +283,9 @@ class Router:
             raise
         self.port = int(sock.getsockname()[1])
         site = web.SockSite(self._runner, sock, backlog=2048)
+        now = self._loop.time()
+        for state in self.states.values():
+            state.begin(now)  # not yet seen healthy: starting (state.py)
         await site.start()
         for state in self.states.values():
             self._tasks.append(asyncio.create_task(self._health_loop(state), name=f"health-{state.name}"))
@@ -305,10 +310,17 @@ class Router:
 
     # -- health -----------------------------------------------------------------------------
 
-    def _state_snapshot(self) -> tuple[dict[str, bool], dict[str, int], dict[str, int]]:
+    def _state_snapshot(self) -> tuple[dict[str, str], dict[str, int], dict[str, int]]:
         depth = dict.fromkeys(self.table.routes, 0)
         depth.update(self.dispatcher.depths())
-        return ({n: s.up for n, s in self.states.items()}, {n: s.in_flight for n, s in self.states.items()}, depth)
+        return ({n: self._backend_state(s) for n, s in self.states.items()},
+                {n: s.in_flight for n, s in self.states.items()}, depth)
+
+    def _backend_state(self, state: BackendState) -> str:
+        """starting, up or ejected, now (a starting backend's grace may just have ended)."""
+        if self._loop is not None:
+            state.still_starting(self._loop.time())
+        return state.state
 
     async def _health_loop(self, state: BackendState) -> None:
         assert self._loop is not None
@@ -317,9 +329,13 @@ class Router:
             try:
                 if state.wants_check(self._loop.time()):
                     ok, reason = await self._check(state)
+                    was_starting = state.up and state.starting
                     change = state.record_check(ok, self._loop.time(), reason)
                     if change is True:
-                        self.log.event("backend_recovered", backend=state.name)
+                        if was_starting:
+                            self._ready(state, "check")
+                        else:
+                            self.log.event("backend_recovered", backend=state.name)
                         self.dispatcher.pump()
                     elif change is False:
                         self._ejected(state, reason)
@@ -356,6 +372,16 @@ class Router:
         self.log.event("backend_ejected", backend=state.name, reason=reason,
                        cooldown_s=self.table.health.cooldown)
 
+    def _ready(self, state: BackendState, via: str) -> None:
+        """A starting backend was seen healthy for the first time (by a check or an answer)."""
+        assert self._loop is not None
+        self.log.event("backend_ready", backend=state.name, via=via,
+                       after_s=round(self._loop.time() - state.started_at, 3))
+
+    def _success(self, state: BackendState) -> None:
+        if state.record_success():
+            self._ready(state, "request")
+
     def _failure(self, state: BackendState, reason: str) -> None:
         assert self._loop is not None
         self.metrics.failure(state.name, reason)
@@ -375,15 +401,23 @@ class Router:
 
     async def _health(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
-        backends = {name: {"up": s.up, "in_flight": s.in_flight, "max_concurrency": s.max_concurrency,
-                           "consecutive_failures": s.failures}
+        states = {name: self._backend_state(s) for name, s in self.states.items()}
+        backends = {name: {"state": states[name], "up": states[name] == "up", "in_flight": s.in_flight,
+                           "max_concurrency": s.max_concurrency, "consecutive_failures": s.failures,
+                           "last_error": s.last_error}
                     for name, s in sorted(self.states.items())}
         routes = {}
         for name, chain in sorted(self.selector.routes.items()):
-            up = [b for b in chain if self.states[b].up]
-            routes[name] = {"up": bool(up), "backends_up": up}
-        n_up = sum(1 for s in self.states.values() if s.up)
-        status = "ok" if n_up == len(self.states) else ("down" if n_up == 0 else "degraded")
+            up = [b for b in chain if states[b] == "up"]
+            routes[name] = {"up": bool(up), "backends_up": up,
+                            "backends_starting": [b for b in chain if states[b] == "starting"]}
+        counts = {kind: sum(1 for v in states.values() if v == kind) for kind in ("up", "starting", "ejected")}
+        if counts["up"] == len(states):
+            status = "ok"
+        elif counts["ejected"] == 0:
+            status = "starting"
+        else:
+            status = "down" if counts["ejected"] == len(states) else "degraded"
         body = orjson.dumps({"status": status, "backends": backends, "routes": routes,
                              "queue_depth": self.dispatcher.depth})
         self._finish(request, _Outcome(status=200), started)
@@ -559,7 +593,7 @@ class Router:
             if up.status >= 500:
                 self._failure(state, "http_5xx")
                 return None
-            state.record_success()
+            self._success(state)
             if up.status != 200:
                 return None
             try:
@@ -618,8 +652,9 @@ class Router:
             finally:
                 self.dispatcher.release(state)
             if isinstance(result, _Failed):
+                starting = state.up and state.starting
                 self._failure(state, result.reason)
-                failures.append(f"{state.name}: {result.detail}")
+                failures.append(f"{state.name}{' (starting)' if starting else ''}: {result.detail}")
                 relay = result.relay
                 relay_backend = state.name
                 exclude = exclude | {state.name}
@@ -681,7 +716,7 @@ class Router:
                 response = web.Response(status=status, body=data, headers=headers)
                 if status >= 500:
                     return _Failed("http_5xx", f"HTTP {status}", relay=response)
-                state.record_success()
+                self._success(state)
                 if status == 200:
                     usage = find_usage(data)
                     if usage is not None:
@@ -700,7 +735,7 @@ class Router:
                             outcome: _Outcome) -> web.StreamResponse:
         """Send the stream's head and its bytes as they come (the caller's timeout covers it)."""
         outcome.status = up.status
-        state.record_success()
+        self._success(state)
         try:
             writer = await response.prepare(request)
             assert writer is not None

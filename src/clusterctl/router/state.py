@@ -5,7 +5,14 @@ Everything here runs on the event loop thread; no locks.
 
 Health, per backend:
 
-* in rotation ("up"): every failure (a failed check, or a request that was refused, timed out
+* starting: not yet healthy since the router started (a first deploy starts the router before
+  the services behind it). It is in rotation: a request tries it in its place in the chain, and
+  a failure (refused, 5xx such as llama-server's 503 while it loads, timed out, broken) moves
+  the request on along the chain without counting against the backend: no ejection, no
+  cool-down. The first passing check or answered request makes it up. A backend still not
+  healthy `startup` seconds after the router started is no longer starting: from then on it
+  is treated as up, and its failures eject it as below.
+* up (in rotation): every failure (a failed check, or a request that was refused, timed out
   before its first byte, answered 5xx or broke) adds to a run of consecutive failures; any
   success (a passing check, an answered request) ends the run. `failures` in a row eject it.
 * ejected: it takes no requests. For `cooldown` seconds it is not even checked; after that it
@@ -30,6 +37,11 @@ class BackendState:
     config: Backend
     health: Health
     up: bool = True
+    """In rotation: up or starting (see `starting`); False while ejected."""
+    starting: bool = False
+    """Not yet healthy since the router started (and within its `startup` grace); set by begin()."""
+    started_at: float = 0.0
+    """When the router started (begin()); a backend is starting until `config.startup` after it."""
     failures: int = 0
     passes: int = 0
     ejected_until: float = 0.0
@@ -45,9 +57,32 @@ class BackendState:
     def available(self) -> bool:
         return self.up and self.in_flight < self.max_concurrency
 
+    @property
+    def healthy(self) -> bool:
+        """In rotation and seen healthy (not starting, not ejected)."""
+        return self.up and not self.starting
+
+    @property
+    def state(self) -> str:
+        return "starting" if self.up and self.starting else ("up" if self.up else "ejected")
+
+    def begin(self, now: float) -> None:
+        """The router starts: the backend is starting for `config.startup` seconds."""
+        self.up, self.starting, self.failures, self.passes = True, True, 0, 0
+        self.started_at = now
+
+    def still_starting(self, now: float) -> bool:
+        """Whether the backend is starting at `now` (its grace ends it: from then on it is up)."""
+        if self.starting and now >= self.started_at + self.config.startup:
+            self.starting = False
+        return self.starting
+
     def record_failure(self, now: float, reason: str) -> bool:
-        """A failed request or check; True when this ejects the backend."""
+        """A failed request or check; True when this ejects the backend. A starting backend's
+        failures do not count."""
         self.last_error = reason
+        if self.still_starting(now):
+            return False
         if not self.up:
             self.passes = 0
             return False
@@ -59,20 +94,34 @@ class BackendState:
             return True
         return False
 
-    def record_success(self) -> None:
-        """An answered request: ends a run of failures (it does not bring an ejected one back)."""
+    def record_success(self) -> bool:
+        """An answered request: ends a run of failures (it does not bring an ejected one back);
+        True when it was the first sign of health of a starting backend."""
         if self.up:
             self.failures = 0
+            if self.starting:
+                self.starting = False
+                self.last_error = None
+                return True
+        return False
 
     def wants_check(self, now: float) -> bool:
         return self.up or now >= self.ejected_until
 
     def record_check(self, ok: bool, now: float, reason: str = "") -> bool | None:
         """The result of an active check: True when it brought the backend back, False when it
-        ejected it, None otherwise."""
+        ejected it, None otherwise. A starting backend's first passing check makes it up (True):
+        it was never out, so `recoveries` does not apply; its failed checks do not count."""
         if self.up:
             if ok:
                 self.failures = 0
+                if self.starting:
+                    self.starting = False
+                    self.last_error = None
+                    return True
+                return None
+            if self.still_starting(now):
+                self.last_error = reason
                 return None
             return False if self.record_failure(now, reason) else None
         if now < self.ejected_until:
@@ -125,12 +174,14 @@ class Dispatcher:
     (at most `queue_size` of them, each at most `queue_timeout` seconds)."""
 
     def __init__(self, backends: dict[str, BackendState], queue_size: int, queue_timeout: float,
-                 on_depth: Callable[[str, int], None] | None = None) -> None:
+                 on_depth: Callable[[str, int], None] | None = None,
+                 on_wait: Callable[[str], None] | None = None) -> None:
         self.backends = backends
         self.queue_size = queue_size
         self.queue_timeout = queue_timeout
         self._waiters: deque[_Waiter] = deque()
         self._on_depth = on_depth
+        self._on_wait = on_wait
         self._depth: dict[str, int] = {}
 
     @property
@@ -177,6 +228,8 @@ class Dispatcher:
         waiter = _Waiter(route, tuple(candidates), frozenset(exclude), future)
         self._waiters.append(waiter)
         self._depth_change(route, +1)
+        if self._on_wait is not None:
+            self._on_wait(route)
         try:
             async with asyncio.timeout(self.queue_timeout):
                 return await future
