@@ -7,6 +7,10 @@ context that fits" held against what a real llama-server allocates.
    `model` (a route name); the router names the service that answered in
    `X-Clusterctl-Backend`. With `code` stopped, the Code mode falls back to `ask`; started
    again, `code` is back in rotation.
+   The deploy's own verify passes every route check: the router, started before the
+   services, counts them as starting and not as failed, so nothing waits out a cool-down. 16
+   requests at concurrency 8 to the Code mode (a chain of 4 slots) all succeed with the
+   default queue.
 2. A CPU-only node whose `ram` (the budget a CPU-only llama-server is charged against) is too
    small for the asked context: `clusterctl plan --json` reports the largest context that fits.
    The same service is deployed at that context and llama.cpp's own buffer lines are compared
@@ -18,8 +22,10 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,21 +87,73 @@ def _modes_inventory(tb: Testbed, tmp: Path) -> Path:
     return path
 
 
+@dataclass
+class FirstDeploy:
+    code: int
+    seconds: float
+    checks: dict[tuple[str, str], tuple[str, str]]
+    ready: dict[str, tuple[str, float]]
+    """backend -> (how the router first saw it healthy: check or request, seconds after it started)"""
+    events: list[dict[str, Any]]
+    """the router's events (JSON log lines with an `event`), as they came"""
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
+def first_deploy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Testbed, FirstDeploy]]:
     tb = open_testbed(1)
     try:
         path = _modes_inventory(tb, tmp_path_factory.mktemp("seed003"))
-        code, data = deploy(path)
+        started = time.monotonic()
+        # the whole deploy, verify included: the router starts before the services (phase order)
+        code, data = deploy(path, verify=True)
+        seconds = time.monotonic() - started
         node = data["nodes"]["node1"]  # type: ignore[index]
-        assert code == 0, (node["failed"], node["log_tail"])
-        # the router started before the services (deploy's phase order), found them down and
-        # ejected them; they come back after its 30 s cooldown and two passing checks
-        for name in MODES:
-            _wait_backend(tb, name, up=True, timeout=90)
-        yield tb
+        assert not node["failed"], (node["failed"], node["log_tail"])
+        verified = data["verify"]
+        assert isinstance(verified, dict)
+        checks = {(c["subject"], c["name"]): (c["status"], c["detail"]) for c in verified["checks"]}
+        log = tb.node("node1").run(["journalctl", "--no-pager", "-o", "cat", "-u", "clusterctl-router.service"])
+        events = [json.loads(line) for line in log.stdout.splitlines() if line.startswith('{"ts"')]
+        events = [e for e in events if "event" in e]
+        ready = {e["backend"]: (e["via"], e["after_s"]) for e in events if e["event"] == "backend_ready"}
+        yield tb, FirstDeploy(code, seconds, checks, ready, events)
     finally:
         tb.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(first_deploy: tuple[Testbed, FirstDeploy]) -> Testbed:
+    return first_deploy[0]
+
+
+def test_verify_right_after_a_first_deploy_passes_every_route_check(first_deploy: tuple[Testbed, FirstDeploy]) -> None:
+    tb, result = first_deploy
+    t0 = result.events[0]["ts"] if result.events else 0.0
+    print(f"\ndeploy with verify {result.seconds:.1f} s; router events: "
+          + ", ".join(f"{e['event']} {e.get('backend', '')} +{e['ts'] - t0:.1f}s" for e in result.events))
+    # the router never ejected them: each came in at its first passing check or answer
+    assert [e["event"] for e in result.events if e["event"] != "listening"] == ["backend_ready"] * 3, result.events
+    assert sorted(result.ready) == sorted(MODES)
+    routes = {key: value for key, value in result.checks.items() if key[1] == "route" or key[0] == "router"}
+    assert routes == {
+        ("router", "health"): ("ok", "/health 200"),
+        ("route ask", "route"): ("ok", "-> ask"),
+        ("route autocomplete", "route"): ("ok", "-> autocomplete"),
+        ("route code", "route"): ("ok", "-> code"),
+    }
+    for name in MODES:
+        assert result.checks[(name, "health")] == ("ok", "/health 200")
+    # the only checks that may fail are the smoke answers of the real Gemma 270M (no chat
+    # template in its GGUF: tests/e2e/test_verify.py); nothing else
+    failed = sorted(key for key, (status, _) in result.checks.items() if status == "fail")
+    assert all(name == "smoke" for _, name in failed), failed
+    assert result.code == (ExitCode.VERIFY_FAILED if failed else ExitCode.OK)
+    health = _router_health(tb)
+    assert health["status"] == "ok"
+    assert {name: b["state"] for name, b in health["backends"].items()} == dict.fromkeys(MODES, "up")
+    assert _metric(tb, "clusterctl_router_backend_ejections_total") == 0.0
+    print(f"\nfirst deploy with verify: {result.seconds:.1f} s; first healthy (via, s after the router started): "
+          + ", ".join(f"{name} {via} {after:.1f}" for name, (via, after) in sorted(result.ready.items())))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,14 +212,20 @@ def _wait_healthy(tb: Testbed, port: int, timeout: float = 120) -> None:
         time.sleep(0.5)
 
 
-def _requests_metric(tb: Testbed, route: str, backend: str) -> float:
+def _metric(tb: Testbed, series: str) -> float:
+    """The sum of the router's samples of `series` (a name, or a name with its labels); 0 when absent."""
     r = tb.node("node1").run(["curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{ROUTER_PORT}/metrics"])
     assert r.returncode == 0, r.stderr
-    series = f'clusterctl_router_requests_total{{backend="{backend}",route="{route}",status="200"}}'
+    total = 0.0
     for line in r.stdout.splitlines():
-        if line.startswith(series + " "):
-            return float(line.split()[-1])
-    return 0.0
+        name = line.split(" ")[0]
+        if name == series or (name.startswith(series + "{") and "{" not in series):
+            total += float(line.split()[-1])
+    return total
+
+
+def _requests_metric(tb: Testbed, route: str, backend: str) -> float:
+    return _metric(tb, f'clusterctl_router_requests_total{{backend="{backend}",route="{route}",status="200"}}')
 
 
 def test_three_llama_servers_on_one_node_each_mode_answered_by_its_service(cluster: Testbed) -> None:
@@ -209,10 +273,62 @@ def test_code_mode_falls_back_to_ask_while_code_is_stopped(cluster: Testbed) -> 
         started = node.run(["systemctl", "start", "clusterctl-code.service"])
         assert started.returncode == 0, started.stderr
     _wait_healthy(tb, MODES["code"])
-    # the router re-admits it after its cooldown (30 s) and two passing checks
+    # it was healthy before: the router re-admits it after its cooldown (30 s) and two passing
+    # checks
     _wait_backend(tb, "code", up=True, timeout=90)
     assert _ask(tb, task="code") == Answer("200", "code", "code")
     assert node.run(["systemctl", "is-active", "clusterctl-code.service"]).stdout.strip() == "active"
+
+
+def test_16_requests_at_concurrency_8_all_succeed_with_the_default_queue(cluster: Testbed) -> None:
+    """The Code mode's chain [code, ask] has 4 slots (2 x parallel 1 each); 8 at once is twice
+    that. With no queue the 4 beyond the slots would get 503; the default queue holds them."""
+    tb = cluster
+    health = _router_health(tb)
+    slots = sum(health["backends"][name]["max_concurrency"] for name in ("code", "ask"))
+    assert slots == 4
+    queued_before = _metric(tb, 'clusterctl_router_queued_total{route="code"}')
+    served_before = {name: _requests_metric(tb, "code", name) for name in ("code", "ask")}
+    deepest = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal deepest
+        while not done.wait(0.1):
+            deepest = max(deepest, int(_router_health(tb)["queue_depth"]))
+
+    def one(i: int) -> Answer:
+        body = json.dumps({"model": "code", "temperature": 0, "max_tokens": 32, "ignore_eos": True,
+                           "messages": [{"role": "user", "content": f"Count to ten, request {i}."}]})
+        written = "%{http_code} %header{x-clusterctl-backend} %header{x-clusterctl-route}"
+        r = tb.node("node1").run(
+            ["curl", "-sS", "-o", "/dev/null", "-w", written, "--max-time", "300", "-H",
+             "Content-Type: application/json", "--data-binary", body,
+             f"http://127.0.0.1:{ROUTER_PORT}/v1/chat/completions"], timeout=330)
+        assert r.returncode == 0, r.stderr
+        status, backend, route = r.stdout.split(" ")
+        return Answer(status, backend, route)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    started = time.monotonic()
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(one, range(16)))
+    finally:
+        done.set()
+        watcher.join(30)
+    seconds = time.monotonic() - started
+    assert [a.status for a in answers] == ["200"] * 16, answers
+    assert {a.route for a in answers} == {"code"}
+    by_backend = {name: sum(1 for a in answers if a.backend == name) for name in ("code", "ask")}
+    assert sum(by_backend.values()) == 16
+    assert {name: _requests_metric(tb, "code", name) - served_before[name] for name in by_backend} == by_backend
+    queued = _metric(tb, 'clusterctl_router_queued_total{route="code"}') - queued_before
+    assert queued >= 1 and deepest >= 1, (queued, deepest)  # some did wait for a slot, and were served
+    assert _router_health(tb)["queue_depth"] == 0
+    print(f"\n16 requests at concurrency 8 on 4 slots: 16/16 answered in {seconds:.1f} s, by code "
+          f"{by_backend['code']} and ask {by_backend['ask']}; {queued:.0f} waited in the queue (deepest {deepest})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +344,8 @@ def _budget_inventory(tb: Testbed, tmp: Path, context: int, extra_args: list[str
           gemma: {{source: 'file://{gemma}'}}
         services:
           architect: {{engine: llama-server, node: node1, model: gemma, port: 8090, context: {context},
-                      threads: 1, startup_timeout: 120s, extra_args: {json.dumps(extra_args)}}}
+                      threads: 1, startup_timeout: 120s, chat_template: gemma,
+                      extra_args: {json.dumps(extra_args)}}}
         """)
     path = tmp / "strix-budget.yaml"
     path.write_text(text)
