@@ -80,11 +80,11 @@ def _positive_duration(value: float) -> float:
 
 
 def _bind(value: str) -> str:
+    """An IP address in its canonical form ('0:0::1' is '::1'), as the engines and `ss` print it."""
     try:
-        ipaddress.ip_address(value)
+        return str(ipaddress.ip_address(value))
     except (ValueError, TypeError):
         raise ValueError(f"bind {value!r} must be an IP address (e.g. 127.0.0.1, 10.0.0.5 or ::1)") from None
-    return value
 
 
 Size = Annotated[int, BeforeValidator(_size)]

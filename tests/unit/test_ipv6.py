@@ -104,6 +104,18 @@ def test_route_table_brackets_ipv6_backends_and_router_check_accepts_it(tmp_path
     assert problems(table, check_files=False) == []
 
 
+def test_an_ipv6_bind_is_kept_in_canonical_form(tmp_path: Path) -> None:
+    # loopback checks, the router's URL and verify's comparison with what `ss` shows all see '::1'
+    inv = inventory(tmp_path, bind="0:0:0:0:0:0:0:1", router_bind="0000::1")
+    assert inv.router is not None
+    assert (inv.services["chat"].bind, inv.router.bind) == ("::1", "::1")
+    table = route_table(inv)
+    assert table is not None and table.backends["chat"].url == "http://[::1]:8080"
+    [spec] = launch_specs(inv, None)
+    checked, _ = verify.check_service(inv, Recorder(), spec, {}, wait=0)
+    assert [(c.name, c.status) for c in checked] == [("listening", "ok"), ("health", "fail")]
+
+
 def test_route_table_brackets_the_node_address_of_a_wildcard_bind(tmp_path: Path) -> None:
     inv = inventory(tmp_path, address="fd00::1", bind="::", router_bind="::1",
                     extra=", api_key: {env: CHAT_KEY}")
