@@ -159,6 +159,15 @@ def test_verify_status_bench_and_deploy_probe_ipv6_urls(tmp_path: Path) -> None:
     assert set(t.urls()) <= {"http://[::1]:8080/v1/chat/completions", "http://[::1]:8000/v1/chat/completions"}
 
 
+def test_ollama_is_told_its_ipv6_address_in_brackets(tmp_path: Path) -> None:
+    # OLLAMA_HOST is split with Go's net.SplitHostPort, which needs an IPv6 host in brackets
+    path = tmp_path / "ollama.yaml"
+    path.write_text(INVENTORY.format(address="::1", bind="::1", router_bind="::1", extra="", router_extra="")
+                    .replace("engine: llama-server", "engine: ollama").replace("port: 8080", "port: 11434"))
+    [spec] = launch_specs(load_inventory(path), None)
+    assert dict(spec.env)["OLLAMA_HOST"] == "[::1]:11434"
+
+
 def test_rpc_server_is_refused_an_ipv6_bind(tmp_path: Path) -> None:
     # llama.cpp's RPC transport opens AF_INET sockets only (ggml-rpc transport.cpp)
     path = tmp_path / "rpc.yaml"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from clusterctl.engines.base import Adapter, LaunchContext, LaunchSpec
 from clusterctl.inventory import Node, Service
-from clusterctl.layout import base_dir, model_path
+from clusterctl.layout import base_dir, host_port, model_path
 
 DEFAULT_CONTEXT = 4096
 
@@ -20,7 +20,7 @@ class Ollama(Adapter):
         inv = ctx.inv
         assert svc.model is not None
         env = dict(svc.env)
-        env["OLLAMA_HOST"] = f"{svc.bind}:{svc.default_port}"
+        env["OLLAMA_HOST"] = host_port(svc.bind, svc.default_port)  # Go's SplitHostPort: IPv6 in brackets
         env["OLLAMA_MODELS"] = f"{inv.models_dir(node)}/ollama"
         env.setdefault("OLLAMA_KEEP_ALIVE", "-1")
         if svc.flash_attn:
