@@ -350,7 +350,7 @@ class Node(Strict):
     accelerators: list[Accelerator] = Field(default_factory=list)
     unified_memory: Size | None = Field(None, gt=0, description="Apple silicon / Strix Halo: one pool for CPU and GPU")
     gpu_memory_limit: Size | None = Field(
-        None, description="unified memory: the most the GPU may wire (macOS iogpu.wired_limit_mb, amdgpu GTT)"
+        None, gt=0, description="unified memory: the most the GPU may wire (macOS iogpu.wired_limit_mb, amdgpu GTT)"
     )
     ram: Size | None = Field(None, gt=0)
     models_dir: str | None = None

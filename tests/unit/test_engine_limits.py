@@ -88,6 +88,8 @@ CASES: list[tuple[str, str, str, str, int]] = [
     ("node-without-memory", "    ram: 16GiB\n    accelerators: [{kind: cuda, count: 2, memory: 24GiB}]\n", "",
      "nodes.n1: the node has no memory to plan", 7),
     ("ram-zero", "    ram: 16GiB", "    ram: 0GiB", "nodes.n1.ram: Input should be greater than 0", 8),
+    ("gpu-memory-limit-zero", "    ram: 16GiB", "    ram: 16GiB\n    gpu_memory_limit: 0B",
+     "nodes.n1.gpu_memory_limit: Input should be greater than 0", 9),
     ("device-memory-zero", "memory: 24GiB}", "memory: 0GiB}",
      "nodes.n1.accelerators.0.memory: Input should be greater than 0", 9),
 ]
