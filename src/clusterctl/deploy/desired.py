@@ -149,6 +149,7 @@ def _add_router_install(inv: Inventory, d: Desired, node: Node) -> None:
     d.venvs.append(install)
     d.commands.setdefault("install-engine", []).append(install.python)
     d.pythons[install.python] = ROUTER_PYTHON
+    d.binaries[install.binary] = "the clusterctl router"  # probed: an install whose binary is gone is redone
     for program in install.provides:
         d.users.setdefault(program, []).append(ROUTER)
 
