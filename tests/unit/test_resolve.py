@@ -18,6 +18,8 @@ from tests.nginx_server import NginxServer, hub_layout, nginx_server
 ROOT = Path(__file__).resolve().parents[2]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TOKEN = "hf_canary_Zq8mWv1Xr4"
+SIZE = 253_113_024  # the real Gemma 3 270M Q4_K_M file (tools/testbed-assets.sh pins its sha256)
+SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 runner = CliRunner()
 
 pytestmark = pytest.mark.real  # the real model, served by nginx
@@ -28,7 +30,12 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxServer]:
     root = tmp_path_factory.mktemp("hub")
     model = assets.test_model_path()
     hub_layout(root, "unsloth/gemma-3-270m-it-GGUF", "main", {"gemma-3-270m-it-Q4_K_M.gguf": model})
-    locations = f"add_header X-Repo-Commit {COMMIT};"
+    # the hub's paths-info API answers each file's size and LFS sha256 (as huggingface.co does)
+    info = json.dumps([{"type": "file", "path": "gemma-3-270m-it-Q4_K_M.gguf", "size": SIZE, "oid": "0" * 40,
+                        "lfs": {"oid": SHA256, "size": SIZE, "pointerSize": 134}}])
+    locations = (f"add_header X-Repo-Commit {COMMIT};\n"
+                 f"location = /api/models/unsloth/gemma-3-270m-it-GGUF/paths-info/{COMMIT} {{\n"
+                 f"  default_type application/json;\n  return 200 '{info}';\n}}")
     with nginx_server(root, tmp_path_factory.mktemp("nginx"), locations=locations) as server:
         yield server
 
@@ -58,6 +65,7 @@ def test_resolve_pins_revision_and_real_metadata(hub: NginxServer, tmp_path: Pat
     meta = lock["models"]["gemma-270m"]["meta"]
     assert (meta["architecture"], meta["n_layer"], meta["file_bytes"]) == ("gemma3", 18, 253_113_024)
     assert lock["models"]["gemma-270m"]["revision"] == COMMIT
+    assert lock["models"]["gemma-270m"]["files"] == {"gemma-3-270m-it-Q4_K_M.gguf": {"size": SIZE, "sha256": SHA256}}
     # the token went to the server as a header, and nowhere else
     assert {e.authorization for e in hub.access_log()} == {f"Bearer {TOKEN}"}
     assert TOKEN not in result.output

@@ -5,6 +5,7 @@ with pip into a fresh venv from the wheelhouse, its `clusterctl-router` checks a
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -69,6 +70,7 @@ def test_pip_installs_it_from_the_wheelhouse_alone_and_the_router_runs(tmp_path:
                           capture_output=True, text=True, check=False)
     assert (proc.returncode, proc.stdout) == (
         0, f"{routes}: ok ({len(table['backends'])} backends, {len(table['routes'])} routes, 0 rules)\n"), proc.stderr
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the venv alone, not this checkout
     imported = subprocess.run([str(venv / "bin/python"), "-c", "import clusterctl.cli"], capture_output=True,
-                              text=True, check=False)
+                              text=True, check=False, env=clean)
     assert imported.returncode == 1 and "No module named 'clusterctl.cli'" in imported.stderr
