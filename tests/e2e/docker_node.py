@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -140,18 +142,21 @@ class DockerNode:
         return self.node.run([DOCKER, "--host", f"unix://{SOCKET}", *args], timeout=timeout)
 
     def import_rootfs(self, tarball: Path, tag: str, *, env_path: str = "/usr/local/bin:/usr/bin:/bin",
-                      entrypoint: tuple[str, ...] = ()) -> str:
+                      entrypoint: tuple[str, ...] = (), timeout: float = 300) -> str:
         """`docker import` of a root file system tarball as image `tag`, with PATH `env_path` and
         the ENTRYPOINT `entrypoint` (none when empty); returns the image id."""
         images = self.host_dir / "images"
         images.mkdir(exist_ok=True)
         copy = images / tarball.name
-        if not copy.exists():
-            shutil.copyfile(tarball, copy)  # where the node sees it: its data folder
+        if not copy.exists():  # where the node sees it: its data folder (a hard link if it can be)
+            try:
+                os.link(tarball, copy)
+            except OSError:
+                shutil.copyfile(tarball, copy)
         changes = ["--change", f"ENV PATH={env_path}"]
         if entrypoint:
             changes += ["--change", f"ENTRYPOINT {json.dumps(list(entrypoint))}"]
-        r = self.docker("import", *changes, f"{DATA_MOUNT}/images/{tarball.name}", tag, timeout=300)
+        r = self.docker("import", *changes, f"{DATA_MOUNT}/images/{tarball.name}", tag, timeout=timeout)
         if r.returncode != 0:
             raise DockerNodeError(f"docker import {tag}: {r.stderr.strip()}")
         return r.stdout.strip()
@@ -260,5 +265,100 @@ def binary_rootfs(binary: Path, out_dir: Path) -> Path:
         tar.add(str(binary), arcname=f"usr/local/bin/{binary.name}")
         for lib in libs:
             tar.add(str(lib.resolve()), arcname=str(lib).lstrip("/"))
+    partial.rename(out)
+    return out
+
+
+def _ldd_many(files: list[Path]) -> set[Path]:
+    """The shared libraries (and program interpreters) that `files` load, as `ldd` lists them; a
+    file that is no dynamic object, or a library `ldd` does not find, adds nothing."""
+    found: set[Path] = set()
+    for start in range(0, len(files), 64):
+        r = _run(["ldd", *map(str, files[start:start + 64])], timeout=300)
+        for line in r.stdout.splitlines():
+            words = line.split()
+            if "=>" in words:
+                target = words[words.index("=>") + 1]
+                if target.startswith("/"):
+                    found.add(Path(target))
+            elif words and words[0].startswith("/") and not line.endswith(":"):
+                found.add(Path(words[0]))
+    return found
+
+
+def _merged_usr(path: Path) -> str:
+    """`path` in an image with a merged /usr (/bin, /lib, /lib64 link to /usr/...): its folder
+    resolved, its own name kept (a library's soname link)."""
+    return str(Path(os.path.realpath(path.parent)) / path.name).lstrip("/")
+
+
+def python_rootfs(venv: Path, image_venv: str, out: Path, *, python: Path = Path("/usr/bin/python3"),
+                  programs: tuple[str, ...] = ()) -> Path:
+    """A root file system tarball `out` holding the venv `venv` at `image_venv` (its scripts'
+    `#!` lines rewritten to it), the Python it was made with (`python`: its executable and its
+    standard library), `programs` (e.g. /bin/sh), every library those and the venv's extension
+    modules load (`ldd`), a merged /usr, a root user and an empty /tmp. Written to OUT.partial
+    first and renamed, so an existing `out` is complete."""
+    real = Path(os.path.realpath(python))
+    query = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"])
+    if query.returncode != 0:
+        raise DockerNodeError(f"{python}: {query.stderr.strip()}")
+    stdlib = Path(query.stdout.strip())
+    objects = [real, *(Path(os.path.realpath(shutil.which(p) or p)) for p in programs)]
+    venv_objects = [p for p in venv.rglob("*.so*") if p.is_file() and not p.is_symlink()]
+    libs = _ldd_many(objects + list(stdlib.rglob("*.so")) + venv_objects)
+    libs = {lib for lib in libs if not lib.resolve().is_relative_to(venv.resolve())}
+    old_prefix = str(venv).encode()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    with tarfile.open(partial, "w") as tar:
+        def add_dir(name: str, mode: int = 0o755) -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = tarfile.DIRTYPE, mode
+            tar.addfile(info)
+
+        def add_link(name: str, target: str) -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+
+        def add_text(name: str, text: str) -> None:
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+
+        add_dir("tmp", 0o1777)
+        add_dir("root", 0o700)
+        for d in ("etc", "usr", "usr/bin", "usr/lib", "usr/lib64"):
+            add_dir(d)
+        for name in ("bin", "lib", "lib64"):
+            add_link(name, f"usr/{name}")
+        add_text("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")
+        add_text("etc/group", "root:x:0:\n")
+        for program in programs:
+            tar.add(os.path.realpath(shutil.which(program) or program), arcname=_merged_usr(Path(program)))
+        tar.add(str(real), arcname=_merged_usr(real))
+        if python.name != real.name:
+            add_link(_merged_usr(python), real.name)
+        tar.add(str(stdlib), arcname=_merged_usr(stdlib),
+                filter=lambda info: None if "/site-packages" in info.name or "/dist-packages" in info.name
+                else info)
+        for lib in sorted(libs):
+            tar.add(os.path.realpath(lib), arcname=_merged_usr(lib))
+        for path in sorted(venv.rglob("*")):
+            arcname = image_venv.lstrip("/") + "/" + str(path.relative_to(venv))
+            info = tar.gettarinfo(str(path), arcname)
+            if info.isfile() and path.parent == venv / "bin":
+                data = path.read_bytes()
+                if data.startswith(b"#!" + old_prefix):
+                    data = data.replace(old_prefix, image_venv.encode())
+                    info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            elif info.isfile():
+                with path.open("rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
     partial.rename(out)
     return out
