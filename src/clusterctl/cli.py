@@ -433,7 +433,8 @@ def verify(
     nodes: Annotated[list[str] | None, typer.Argument(help="only these nodes", show_default=False)] = None,
     json: JsonOpt = False,
     junit: Annotated[Path | None, typer.Option(help="also write JUnit XML here")] = None,
-    wait: Annotated[float, typer.Option(help="seconds to wait for services still loading (503)")] = 30.0,
+    wait: Annotated[float, typer.Option(
+        help="seconds to wait for services still starting (not listening yet, or 503 while loading)")] = 30.0,
     tolerance: Annotated[float, typer.Option(help="allowed drop below the tokens/s baseline")] = 0.30,
 ) -> None:
     """Check every service and route: health, identity, a smoke prompt and its sanity, speed."""

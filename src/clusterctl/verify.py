@@ -99,14 +99,19 @@ def check_service(inv: Inventory, t: Transport, spec: LaunchSpec, baselines: dic
         seen = mgr.parse_inspect(shown.rc, shown.out)
         out.append(Check(node, name, "running", "ok" if seen.alive else "fail", seen.state))
         return out, measured
-    # listeners: only where the inventory says
-    if inv.nodes[node].os == "macos":  # BSD: no ss
-        lsof = t.run(["lsof", "-nP", f"-iTCP:{int(spec.port)}", "-sTCP:LISTEN"], timeout=30)
-        addresses = sorted({a for a, _, _ in parse_lsof(lsof.out)})
-    else:
-        ss = t.run(["sh", "-c", f"ss -ltnH 'sport = :{int(spec.port)}'"], timeout=30)
-        addresses = sorted({line.split()[3].rsplit(":", 1)[0].strip("[]") for line in ss.out.splitlines()
-                            if len(line.split()) >= 4})
+    # listeners: only where the inventory says (a service still starting gets up to `wait` seconds)
+    deadline = time.monotonic() + wait
+    while True:
+        if inv.nodes[node].os == "macos":  # BSD: no ss
+            lsof = t.run(["lsof", "-nP", f"-iTCP:{int(spec.port)}", "-sTCP:LISTEN"], timeout=30)
+            addresses = sorted({a for a, _, _ in parse_lsof(lsof.out)})
+        else:
+            ss = t.run(["sh", "-c", f"ss -ltnH 'sport = :{int(spec.port)}'"], timeout=30)
+            addresses = sorted({line.split()[3].rsplit(":", 1)[0].strip("[]") for line in ss.out.splitlines()
+                                if len(line.split()) >= 4})
+        if addresses or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
     if not addresses:
         out.append(Check(node, name, "listening", "fail", f"nothing listens on port {spec.port}"))
         return out, measured

@@ -9,6 +9,7 @@ never show up in any output, any command line or environment on the node, or its
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 from collections.abc import Iterator
@@ -73,7 +74,13 @@ def hub(testbed3: Testbed, tmp_path: Path, tiny: Path) -> Iterator[BridgeNginx]:
     root = tmp_path / "hub"
     hub_layout(root, "org/repo", "main", {"tiny.gguf": tiny})
     hub_layout(root, "org/repo", "rev1", {"tiny.gguf": tiny})
-    with bridge_nginx(root, tmp_path / "nginx", testbed3.host_ip, locations=LOCATIONS) as server:
+    # the hub's paths-info API: each file's size and LFS sha256 at the revision (what resolve pins)
+    size = tiny.stat().st_size
+    info = json.dumps([{"type": "file", "path": "tiny.gguf", "size": size, "oid": "0" * 40,
+                        "lfs": {"oid": sha256(tiny), "size": size, "pointerSize": 134}}])
+    api = (f"location = /api/models/org/repo/paths-info/rev1 {{\n  default_type application/json;\n"
+           f"  return 200 '{info}';\n}}\n")
+    with bridge_nginx(root, tmp_path / "nginx", testbed3.host_ip, locations=LOCATIONS + api) as server:
         yield server
 
 

@@ -5,6 +5,7 @@ signals and exit codes are the ones a user gets.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import time
@@ -86,7 +87,12 @@ def test_second_deploy_is_refused_quickly_naming_the_holder(testbed3: Testbed, t
     assert (f"error: another deploy of {path.name} is running: pid {first.pid} on {socket.gethostname()}, "
             "started ") in second.stderr
     assert "hint: wait for it to finish; the lock is released when it exits" in second.stderr
-    assert second.stdout == ""  # refused before it gathered anything
+    # refused before it gathered anything: its --json output is the error document alone
+    error = json.loads(second.stdout)["error"]
+    assert (error["code"], error["hint"], error["location"]) == (
+        ExitCode.LOCKED, "wait for it to finish; the lock is released when it exits", None)
+    assert error["message"].startswith(f"another deploy of {path.name} is running: pid {first.pid} on "
+                                       f"{socket.gethostname()}, started ")
     assert done.code == 0, done.output  # the holder was not disturbed
     assert deploy(path).json()["changes"] == 0
 
