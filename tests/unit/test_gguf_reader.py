@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import time
 from collections import Counter
@@ -443,3 +444,41 @@ def test_gemma_header_is_fast() -> None:
         best = min(best, time.perf_counter() - start)
     print(f"\nGemma header read locally in {best * 1000:.1f} ms (best of 3)")
     assert best < 0.25
+
+
+def test_a_recurrent_model_is_a_clean_error_in_estimate_and_a_plan_error_in_plan(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from clusterctl.cli import app
+    from clusterctl.inventory import load_inventory
+    from clusterctl.planner import make_plan
+
+    w = gguf.GGUFWriter(tmp_path / "mamba.gguf", "mamba")
+    w.add_block_count(2)
+    w.add_context_length(4096)
+    w.add_embedding_length(64)
+    w.add_head_count(0)
+    w.add_vocab_size(100)
+    w.add_tensor("token_embd.weight", np.zeros((100, 64), dtype=np.float32))
+    assets.finish(w)
+    message = ("architecture 'mamba' has recurrent (state-space) layers: the llama.cpp estimator does not model "
+               "their state yet, so it cannot say whether this model fits")
+    result = CliRunner().invoke(app, ["estimate", str(tmp_path / "mamba.gguf"), "--json"])
+    assert result.exit_code == 5, result.output
+    assert json.loads(result.stdout)["error"]["message"] == message
+
+    meta = read_local(tmp_path / "mamba.gguf")
+    inv_path = tmp_path / "inv.yaml"
+    inv_path.write_text(f"""\
+cluster: {{name: c}}
+nodes:
+  n: {{address: 10.0.0.1, ram: 8GiB}}
+models:
+  m: {{source: 'file://{tmp_path / "mamba.gguf"}'}}
+services:
+  s: {{engine: llama-server, node: n, model: m, port: 8080, context: 1024}}
+""")
+    plan = make_plan(load_inventory(inv_path), {"m": meta})
+    assert not plan.ok
+    assert [(f.severity, f.subject, f.message) for f in plan.findings if f.severity == "error"] == [
+        ("error", "s", message)]

@@ -20,6 +20,7 @@ import bisect
 import math
 from dataclasses import dataclass, field
 
+from clusterctl.errors import MetadataError
 from clusterctl.models.meta import ModelMeta
 
 MIB = 2**20
@@ -163,7 +164,11 @@ def _tied_output(meta: ModelMeta) -> bool:
 def estimate_llama(meta: ModelMeta, p: LlamaParams, devices: list[Device]) -> LlamaEstimate:
     """Per-device memory of one llama.cpp instance. `devices` empty = CPU only."""
     if meta.recurrent:
-        raise ValueError("recurrent models are not supported by the llama.cpp estimator yet")
+        raise MetadataError(
+            f"architecture '{meta.architecture}' has recurrent (state-space) layers: the llama.cpp estimator "
+            "does not model their state yet, so it cannot say whether this model fits",
+            hint="plan it by hand from llama.cpp's own start-up log, or give the service engine: custom with "
+            "memory: SIZE")
     n_ctx, n_ctx_seq, n_stream = context_cells(meta, p)
     placement = layer_devices(meta.n_layer, devices, p)
     mem: dict[str, DeviceMemory] = {HOST: DeviceMemory()}

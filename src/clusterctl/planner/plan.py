@@ -9,6 +9,7 @@ from clusterctl.engines import adapter
 from clusterctl.engines.install import archive_name, backend_label, llama_targets, pip_engines, requirement_for
 from clusterctl.engines.ollama import DEFAULT_CONTEXT as OLLAMA_DEFAULT_CONTEXT
 from clusterctl.engines.vllm import cpu_kv_bytes, on_cpu
+from clusterctl.errors import MetadataError
 from clusterctl.inventory import Inventory, Node, Service
 from clusterctl.models.meta import ModelMeta
 from clusterctl.planner.engines import CPU_RANK_OVERHEAD, estimate_vllm, split_mlx, vllm_kv_bytes_per_token
@@ -291,7 +292,10 @@ def make_plan(inv: Inventory, metas: dict[str, ModelMeta]) -> Plan:
         memory_model = adapter(svc.engine).memory_model
         if memory_model == "llama.cpp":
             assert meta is not None
-            services.append(_plan_llama(inv, ledger, metas, name, svc, meta, findings))
+            try:
+                services.append(_plan_llama(inv, ledger, metas, name, svc, meta, findings))
+            except MetadataError as exc:  # a model the estimator does not understand: this service only
+                findings.append(Finding("error", name, str(exc), exc.hint))
         elif memory_model == "vllm":
             assert meta is not None
             services.append(_plan_vllm(inv, ledger, name, svc, meta, findings))
