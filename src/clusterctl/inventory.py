@@ -770,10 +770,10 @@ class HealthCheck(Strict):
     (its service still starting) is tried but never ejected for that, until its service's
     startup_timeout has passed."""
 
-    interval: Duration = 5.0
-    timeout: Duration = 5.0
+    interval: Timeout = 5.0
+    timeout: Timeout = 5.0
     failures: int = Field(3, ge=1, description="consecutive failures before a backend is ejected")
-    cooldown: Duration = Field(30.0, description="how long an ejected backend is left alone before it is "
+    cooldown: Timeout = Field(30.0, description="how long an ejected backend is left alone before it is "
                                "checked again")
     recoveries: int = Field(2, ge=1, description="consecutive passing checks that bring an ejected backend back")
 
@@ -792,7 +792,7 @@ class Router(Strict):
     api_key: SecretRef | None = None
     queue: int = Field(64, ge=0, description="requests that may wait for a backend slot (every backend of their "
                        "chain busy or down), all routes together; 0: answer 503 at once")
-    queue_timeout: Duration = Field(300.0, description="how long a request may wait for a slot (a generation "
+    queue_timeout: Timeout = Field(300.0, description="how long a request may wait for a slot (a generation "
                                     "can take minutes)")
 
     @field_validator("routes")

@@ -401,3 +401,27 @@ def test_inspect_of_a_binary_metadata_file(tmp_path: Path) -> None:
     assert (code, out) == (5, "")
     assert err == (f"error: {bad} is not model metadata: 'utf-8' codec can't decode byte 0xff in position 0: "
                    "invalid start byte\n  hint: write it with `clusterctl inspect MODEL --json`\n")
+
+
+@pytest.mark.parametrize(("key", "value"), [("health", "{interval: -1}"), ("health", "{timeout: 0s}"),
+                                            ("health", "{cooldown: 0}"), ("queue_timeout", "-5")])
+def test_router_durations_must_be_positive(tmp_path: Path, key: str, value: str) -> None:
+    from clusterctl.errors import InventoryErrors
+    from clusterctl.inventory import load_inventory
+
+    path = tmp_path / "r.yaml"
+    path.write_text(f"""\
+cluster: {{name: c}}
+nodes:
+  n: {{address: 10.0.0.1, ram: 8GiB}}
+services:
+  web: {{engine: custom, node: n, port: 8080, command: [/bin/true], memory: 1GiB}}
+router:
+  node: n
+  default: [web]
+  {key}: {value}
+""")
+    with pytest.raises(InventoryErrors) as exc:
+        load_inventory(path)
+    [error] = exc.value.errors
+    assert error.line == 9 and error.message.startswith(f"router.{key}"), error.message
