@@ -83,6 +83,11 @@ def mlx_requirement() -> str:
     return os.environ.get("CLUSTERCTL_MLX_REQUIREMENT") or "mlx-lm[cpu]==0.32.2"
 
 
+def mlx_engine() -> str:
+    """The inventory's `cluster.engines` line that installs mlx-lm[cpu] from the cached wheels."""
+    return f"mlx_lm: {{requirement: '{mlx_requirement()}', python: /usr/bin/python3, find_links: '{mlx_wheelhouse()}'}}"
+
+
 def mlx_python() -> Path:
     """The controller's own mlx-lm venv that tools/testbed-assets.sh builds (it makes the tiny model)."""
     digest = hashlib.sha256(mlx_requirement().encode()).hexdigest()[:12]

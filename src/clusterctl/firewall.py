@@ -18,38 +18,14 @@ from clusterctl.inventory import Inventory
 from clusterctl.layout import WILDCARDS, address
 
 
-def users(inv: Inventory, name: str) -> list[str]:
-    """The nodes that connect to the service: the heads of an rpc worker, the router's node."""
-    nodes: list[str] = []
-    for svc in inv.services.values():
-        if name in svc.rpc_workers and svc.node_names:
-            nodes.append(svc.node_names[0])
-    r = inv.router
-    if r is not None and any(name in chain for chain in [r.default, *r.routes.values()]):
-        nodes.append(r.node)
-    return sorted(set(nodes))
-
-
-def sources(inv: Inventory, name: str) -> tuple[list[str], list[str]]:
-    """(allowed addresses or networks, problems): the users' node addresses and allow_from."""
+def sources(inv: Inventory, name: str) -> list[str]:
+    """The allowed addresses or networks: the clients' node addresses and allow_from (the
+    inventory has refused a node to allow whose address is not an IP)."""
     svc = inv.services[name]
-    own = set(svc.node_names)
-    out: list[str] = []
-    problems: list[str] = []
-    for entry in [*users(inv, name), *svc.allow_from]:
-        if entry in own:
-            continue  # its own node reaches it over loopback, which is always accepted
-        if entry in inv.nodes:
-            value = address(inv.nodes[entry])
-            try:
-                ipaddress.ip_address(value)
-            except ValueError:
-                problems.append(f"node '{entry}' has address {value!r}, not an IP address")
-                continue
-            out.append(value)
-        else:
-            out.append(entry)  # an address or network, checked by the inventory
-    return sorted(set(out), key=_sort_key), problems
+    own = set(svc.node_names)  # its own node reaches it over loopback, which is always accepted
+    out = {address(inv.nodes[e]) if e in inv.nodes else e for e in [*inv.clients(name), *svc.allow_from]
+           if e not in own}
+    return sorted(out, key=_sort_key)
 
 
 def _sort_key(value: str) -> tuple[int, str]:

@@ -232,6 +232,13 @@ class LlamaCppBuild(Strict):
         return self
 
 
+def _one_word(v: str | None) -> str | None:
+    """A program, URL or path given to pip on a node's command line: one word, not an option."""
+    if v is not None and (not v or any(c.isspace() for c in v) or v.startswith("-")):
+        raise ValueError(f"{v!r} must be one word (a program, URL or path)")
+    return v
+
+
 class PythonEngine(Strict):
     """An engine installed with pip into its own virtual environment on each node that runs it."""
 
@@ -256,9 +263,7 @@ class PythonEngine(Strict):
     @field_validator("python", "index_url", "find_links")
     @classmethod
     def _one_word(cls, v: str | None) -> str | None:
-        if v is not None and (not v or any(c.isspace() for c in v) or v.startswith("-")):
-            raise ValueError(f"{v!r} must be one word (a program, URL or path)")
-        return v
+        return _one_word(v)
 
 
 class RouterInstall(Strict):
@@ -274,9 +279,7 @@ class RouterInstall(Strict):
     @field_validator("python", "index_url", "find_links")
     @classmethod
     def _one_word(cls, v: str | None) -> str | None:
-        if v is not None and (not v or any(c.isspace() for c in v) or v.startswith("-")):
-            raise ValueError(f"{v!r} must be one word (a program, URL or path)")
-        return v
+        return _one_word(v)
 
 
 class Engines(Strict):
@@ -833,6 +836,15 @@ class Inventory(Strict):
             if node in svc.node_names:
                 yield name, svc
 
+    def clients(self, service: str) -> list[str]:
+        """The nodes that connect to a service: the heads of an rpc worker, the router's node
+        when a route names it."""
+        nodes = {s.node_names[0] for s in self.services.values() if service in s.rpc_workers and s.node_names}
+        r = self.router
+        if r is not None and any(service in chain for chain in [r.default, *r.routes.values()]):
+            nodes.add(r.node)
+        return sorted(nodes)
+
     def effective_safe_zone(self, node: Node) -> float:
         return node.safe_zone if node.safe_zone is not None else self.cluster.defaults.safe_zone
 
@@ -883,11 +895,7 @@ def _firewall_errors(inv: Inventory, sname: str, svc: Service) -> list[tuple[tup
                 if entry not in inv.nodes:
                     errs.append((("services", sname, "allow_from", i), f"unknown node '{entry}'",
                                  f"nodes: {', '.join(inv.nodes)}, or an IP address/network"))
-        users = [s.node_names[0] for s in inv.services.values() if sname in s.rpc_workers and s.node_names]
-        r = inv.router
-        if r is not None and any(sname in c for c in [r.default, *r.routes.values()]):
-            users.append(r.node)
-        for n in sorted({*users, *(e for e in svc.allow_from if e in inv.nodes)} - set(svc.node_names)):
+        for n in sorted({*inv.clients(sname), *(e for e in svc.allow_from if e in inv.nodes)} - set(svc.node_names)):
             if n not in inv.nodes:
                 continue
             addr = inv.nodes[n].private_address or inv.nodes[n].address

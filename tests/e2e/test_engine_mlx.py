@@ -24,8 +24,7 @@ ANSWER = "The sea is wide and blue, and ships sail on it."
 
 def _inventory(tb: Testbed, tmp: Path) -> Path:
     tiny = assets.tiny_model_dir()
-    engine = (f"mlx_lm: {{requirement: '{assets.mlx_requirement()}', python: /usr/bin/python3, "
-              f"find_links: '{assets.mlx_wheelhouse()}'}}")
+    engine = assets.mlx_engine()
     files = ", ".join(assets.TINY_FILES)
     text = tb.cluster_yaml("mlx", engine) + textwrap.dedent(f"""\
         nodes:

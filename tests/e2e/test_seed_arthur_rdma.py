@@ -27,8 +27,7 @@ ANSWER = "The sea is wide and blue, and ships sail on it."
 
 def _inventory(tb: Testbed, tmp: Path) -> Path:
     tiny = assets.tiny_model_dir()
-    engine = (f"mlx_lm: {{requirement: '{assets.mlx_requirement()}', python: /usr/bin/python3, "
-              f"find_links: '{assets.mlx_wheelhouse()}'}}")
+    engine = assets.mlx_engine()
     files = ", ".join(assets.TINY_FILES)
     beta = tb.node("node2").ip
     text = tb.cluster_yaml("arthur-rdma", engine) + textwrap.dedent(f"""\

@@ -61,14 +61,16 @@ ROUTER = {"node": "r", "port": 9000, "default": ["mlx"]}
 def test_an_rpc_worker_off_loopback_accepts_its_heads_address_only() -> None:
     inv = inv_of(RPC)
     assert inv.services["rpc"].firewalled("systemd") is True
-    assert firewall.sources(inv, "rpc") == (["10.1.0.1"], [])
+    assert inv.clients("rpc") == ["head"]
+    assert firewall.sources(inv, "rpc") == ["10.1.0.1"]
     assert inv.services["head"].firewalled("systemd") is False  # bound to loopback
 
 
 def test_a_routed_mlx_lm_accepts_the_routers_node_and_allow_from() -> None:
     services = {"mlx": {**MLX["mlx"], "allow_from": ["head", "192.168.7.0/24", "fd00::5"]}}
     inv = inv_of(services, ROUTER)
-    assert firewall.sources(inv, "mlx") == (["10.1.0.1", "10.1.0.3", "192.168.7.0/24", "fd00::5"], [])
+    assert inv.clients("mlx") == ["r"]
+    assert firewall.sources(inv, "mlx") == ["10.1.0.1", "10.1.0.3", "192.168.7.0/24", "fd00::5"]
 
 
 def test_the_unit_applies_the_rule_before_the_engine_and_the_script_is_exact() -> None:

@@ -50,6 +50,6 @@ def launch_specs(inv: Inventory, plan: PlannedContexts | None = None) -> list[La
             if svc.container is not None:
                 spec = containerise(spec, svc, inv, node)
             if spec.port and svc.firewalled(node.manager):
-                spec = dataclasses.replace(spec, firewall=tuple(firewall.sources(inv, name)[0]))
+                spec = dataclasses.replace(spec, firewall=tuple(firewall.sources(inv, name)))
             specs.append(spec)
     return specs
