@@ -6,6 +6,7 @@ through a question/answer chat template) through the router as well."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import textwrap
@@ -28,12 +29,13 @@ QA_TEMPLATE = ("{%- for m in messages %}Question: {{ m['content'] }}\n{% endfor 
 
 def ipv6_only(tb: Testbed) -> dict[str, str]:
     """Give the bridge and each node an address in a ULA /64 of this run, drop the nodes' IPv4
-    addresses; returns node name -> IPv6 address."""
+    addresses; returns node name -> IPv6 address, in the canonical form (RFC 5952: no leading
+    zeros) that the inventory stores and `ss` prints, whatever the run id's digits are."""
     prefix = f"fd{tb.run_id[:2]}:{tb.run_id[2:6]}:6::"
     subprocess.run(["ip", "-6", "addr", "add", f"{prefix}1/64", "dev", tb.bridge, "nodad"], check=True)
     out: dict[str, str] = {}
     for node in tb.nodes:
-        ip6 = f"{prefix}{node.index + 16:x}"
+        ip6 = str(ipaddress.IPv6Address(f"{prefix}{node.index + 16:x}"))
         node.run(["ip", "-6", "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad"], check=True)
         node.run(["ip", "-4", "addr", "flush", "dev", "eth0"], check=True)
         out[node.name] = ip6
