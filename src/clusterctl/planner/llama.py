@@ -17,68 +17,17 @@ Compute buffers are fitted to measurements (docs/accuracy.md).
 from __future__ import annotations
 
 import bisect
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from clusterctl.errors import MetadataError
 from clusterctl.models.meta import ModelMeta
-
-MIB = 2**20
-
-# bytes per element of each KV cache type: (block size, bytes per block), as in ggml
-CACHE_TYPES: dict[str, tuple[int, int]] = {
-    "f32": (1, 4), "f16": (1, 2), "bf16": (1, 2),
-    "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20),
-    "iq4_nl": (32, 18), "q5_0": (32, 22), "q5_1": (32, 24),
-}
-
-HOST = "host"
-
-
-def row_bytes(cache_type: str, n: int) -> int:
-    block, size = CACHE_TYPES[cache_type]
-    return math.ceil(n / block) * size
-
-
-def pad(n: int, to: int) -> int:
-    return ((n + to - 1) // to) * to
-
-
-@dataclass(frozen=True)
-class LlamaParams:
-    n_ctx: int | None = None  # None: the model's training context
-    n_parallel: int = 1
-    kv_unified: bool = False
-    cache_type_k: str = "f16"
-    cache_type_v: str = "f16"
-    flash_attn: bool = True
-    n_batch: int = 2048
-    n_ubatch: int = 512
-    n_gpu_layers: int = 999
-    swa_full: bool = False
-    tensor_split: tuple[float, ...] = ()
-
-
-@dataclass(frozen=True)
-class Device:
-    """One memory pool llama.cpp offloads to (a GPU, an RPC worker's device, unified memory)."""
-
-    id: str
-    free: int  # bytes; used for the default split, like llama.cpp's free-memory split
-    gpu: bool = True  # False for CPU-backed devices (e.g. rpc-server on a CPU host)
-
-
-@dataclass
-class DeviceMemory:
-    weights: int = 0
-    kv: int = 0
-    compute: int = 0
-    layers: list[int] = field(default_factory=list)
-    output: bool = False
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.kv + self.compute
+from clusterctl.planner.compute import compute_buffers, per_stream
+from clusterctl.planner.llama_base import CACHE_TYPES as CACHE_TYPES
+from clusterctl.planner.llama_base import HOST as HOST
+from clusterctl.planner.llama_base import MIB as MIB
+from clusterctl.planner.llama_base import Device as Device
+from clusterctl.planner.llama_base import DeviceMemory, kv_widths, pad, row_bytes
+from clusterctl.planner.llama_base import LlamaParams as LlamaParams
 
 
 @dataclass
@@ -215,62 +164,6 @@ def estimate_llama(meta: ModelMeta, p: LlamaParams, devices: list[Device]) -> Ll
         cells = swa_cells if swa[il] else full_cells
         mem[dev].kv += (k_row + v_row) * cells
 
-    # compute buffers (+ the host's output buffer: one row of logits per sequence)
-    per_stream = [(n_ctx_seq, False)]
-    if n_swa:
-        per_stream.append((swa_cells // n_stream, True))
-    offloaded = any(dev != HOST for dev in placement)
-    all_offloaded = all(dev != HOST for dev in placement)
-    n_copies = 4 if len(devices) > 1 and all_offloaded else 1
-    kinds = {d.id: d.gpu for d in devices}
-    for dev_id, dm in mem.items():
-        dm.compute = compute_buffer(meta, p, dm, per_stream, on_host=dev_id == HOST, offloaded=offloaded,
-                                    n_copies=n_copies, gpu=kinds.get(dev_id, False))
-    mem[HOST].compute += meta.n_vocab * 4 * p.n_parallel
+    # compute buffers (+ the host's output buffer)
+    compute_buffers(meta, p, mem, placement, devices, per_stream(n_ctx_seq, swa_cells // n_stream if n_swa else None))
     return LlamaEstimate(n_ctx=n_ctx, n_ctx_seq=n_ctx_seq, devices=mem, caches=caches)
-
-
-def _masks(caches: list[tuple[int, bool]], ub: int, flash_attn: bool) -> int:
-    """KQ masks, one per cache (full, SWA): cells x ubatch, f16 with flash attention else f32."""
-    return sum(cells * ub * (2 if flash_attn else 4) for cells, _ in caches)
-
-
-def compute_buffer(meta: ModelMeta, p: LlamaParams, dm: DeviceMemory, caches: list[tuple[int, bool]], *,
-                   on_host: bool, offloaded: bool, n_copies: int, gpu: bool) -> int:
-    """Graph scratch memory that ggml reserves on one device for the worst-case ubatch.
-
-    Fitted to the real llama-server (docs/accuracy.md): the activations of one layer for
-    n_ubatch tokens (FFN gate/up/activation, residual stream, query), the KQ masks, and with
-    flash attention off the f32 attention scores. `caches` holds (cells per stream, is_swa).
-    With pipeline parallelism (several devices, every layer offloaded) ggml keeps
-    `n_copies` copies of the graph inputs, the masks among them."""
-    ub = min(p.n_ubatch, p.n_batch, pad(p.n_ctx or meta.n_ctx_train, 256))
-    f32 = 4
-    masks = _masks(caches, ub, p.flash_attn)
-    if on_host and offloaded and not dm.layers:
-        # the host only embeds the input tokens and holds the graph inputs
-        return n_copies * (masks + ub * meta.n_embd * f32) + MIB
-    if not dm.layers and not dm.output:
-        return 0
-    n_ff = (meta.n_ff or 4 * meta.n_embd) * max(1, meta.n_expert_used)
-    q_dim = meta.n_head * (meta.head_dim_k_mla or meta.head_dim_k)
-    residual = ub * 3 * meta.n_embd * f32
-    if p.flash_attn:
-        act = ub * (3 * n_ff + q_dim) * f32 + residual
-        if gpu and (p.cache_type_k not in ("f16", "bf16") or p.cache_type_v not in ("f16", "bf16")):
-            # GPU flash-attention kernels read a quantised cache through f16 copies of K and V
-            n_kv = max((cells for cells, swa in caches if not swa), default=0)
-            k, v = kv_widths(meta)
-            act += n_kv * (k + v) * 2
-    else:
-        n_kv = max((cells for cells, swa in caches if not swa), default=0)
-        scores = n_kv * ub * meta.n_head * f32 + ub * 2 * q_dim * f32
-        act = max(ub * 3 * n_ff * f32, scores) + residual
-    return act + n_copies * masks
-
-
-def kv_widths(meta: ModelMeta) -> tuple[int, int]:
-    """Elements per cell per layer for K and V as llama.cpp stores them."""
-    if meta.is_mla and meta.format == "gguf":
-        return meta.n_head_kv * meta.head_dim_k, 0
-    return meta.n_head_kv * meta.head_dim_k, meta.n_head_kv * meta.head_dim_v
