@@ -18,7 +18,7 @@ from typing import Any
 import gguf
 
 from clusterctl.errors import MetadataError
-from clusterctl.models.meta import ModelMeta, TensorGroupBytes
+from clusterctl.models.meta import ModelMeta, RecurrentState, TensorEntry, TensorGroupBytes
 
 ReadAt = Callable[[int, int], bytes]
 """(offset, length) -> up to `length` bytes starting at `offset` (fewer only at end of file)."""
@@ -73,6 +73,18 @@ SWA_PATTERNS: dict[str, tuple[int, bool]] = {
 SWA_DEFAULT_WINDOW: dict[str, int] = {"gemma2": 4096, "llama4": 8192}
 
 RECURRENT_ARCHS = frozenset({"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"})
+# llama.cpp's hybrids (llm_arch_is_hybrid): attention layers with a KV cache beside recurrent
+# layers with a fixed state. How each marks its recurrent layers (src/models/<arch>.cpp):
+HYBRID_ALL_RECURRENT = frozenset({"falcon-h1"})  # every layer has both
+HYBRID_BY_INTERVAL = frozenset({"qwen3next", "qwen35", "qwen35moe", "minimax-01", "qwen4exp"})
+HYBRID_NO_KV_NO_FF = frozenset({"nemotron_h", "nemotron_h_moe"})
+HYBRID_NO_KV = frozenset({"jamba", "plamo2", "granitehybrid", "lfm2", "lfm2moe", "kimi-linear", "bailingmoe3",
+                          "kimi-k3", "glm5-next", "deepseek4"})
+# archs whose recurrent state follows llama_hparams::n_embd_r()/n_embd_s() from the SSM, WKV or
+# short-convolution keys; the others (linear attention, KDA) are refused by the estimator
+STATE_MODELLED = (RECURRENT_ARCHS | HYBRID_ALL_RECURRENT | HYBRID_NO_KV_NO_FF
+                  | frozenset({"qwen3next", "qwen35", "qwen35moe", "jamba", "plamo2", "granitehybrid", "lfm2",
+                               "lfm2moe"}))
 
 
 @dataclass(frozen=True)
@@ -472,6 +484,63 @@ def group_tensor_bytes(tensors: Sequence[TensorInfo], n_layer: int) -> TensorGro
     return TensorGroupBytes(token_embd=token_embd, output=output, layers=layers, other=other)
 
 
+def _per_layer(v: Any, n_layer: int) -> list[int] | None:
+    """A per-layer array of ints (padded with its last value), or None for a scalar/absent key."""
+    if not isinstance(v, list) or not v:
+        return None
+    vals = [_int(x) or 0 for x in v[:n_layer]]
+    return vals + [vals[-1]] * (n_layer - len(vals))
+
+
+def recurrent_layout(h: GGUFHeader, arch: str, n_layer: int, n_head_kv: int,
+                     kv_layers: list[int] | None, ff_layers: list[int] | None
+                     ) -> tuple[list[bool] | None, list[int] | None]:
+    """(recurrent flag per layer, KV heads per layer) by llama.cpp's per-arch rules."""
+    def key(name: str) -> str:
+        return f"{arch}.{name}"
+    kv = kv_layers or [n_head_kv] * n_layer
+    if arch in RECURRENT_ARCHS:
+        return [True] * n_layer, [0] * n_layer
+    if arch in HYBRID_ALL_RECURRENT:
+        return [True] * n_layer, kv_layers
+    if arch in HYBRID_BY_INTERVAL:
+        stored = h.get(key("attention.recurrent_layers"))
+        if isinstance(stored, list) and stored:
+            flags = [bool(x) for x in stored[:n_layer]] + [False] * max(0, n_layer - len(stored))
+        else:
+            interval = _int(h.get(key("full_attention_interval"))) or 4
+            flags = [(il + 1) % interval != 0 for il in range(n_layer)]
+        return flags, [0 if r else k for r, k in zip(flags, kv, strict=True)]
+    if arch in HYBRID_NO_KV_NO_FF:
+        ff = ff_layers or [1] * n_layer
+        return [k == 0 and f == 0 for k, f in zip(kv, ff, strict=True)], kv_layers
+    if arch in HYBRID_NO_KV:
+        return [k == 0 for k in kv], kv_layers
+    return None, kv_layers
+
+
+def recurrent_state(h: GGUFHeader, arch: str, n_embd: int) -> RecurrentState | None:
+    """One recurrent layer's state per sequence in f32 elements: llama_hparams::n_embd_r() and
+    n_embd_s() (RWKV's token shift and WKV state, LFM2's short convolution, else Mamba's conv and
+    SSM state, which the gated delta net of Qwen3-Next shares)."""
+    if arch not in STATE_MODELLED:
+        return None
+
+    def get(name: str) -> int:
+        return _int(h.get(f"{arch}.{name}")) or 0
+    wkv = get("wkv.head_size")
+    if wkv:
+        return RecurrentState(r=(get("token_shift_count") or 2) * n_embd, s=n_embd * wkv)
+    d_conv, d_inner, d_state, n_group = (get("ssm.conv_kernel"), get("ssm.inner_size"), get("ssm.state_size"),
+                                         get("ssm.group_count"))
+    l_cache = get("shortconv.l_cache")
+    if l_cache:
+        return RecurrentState(r=n_embd * (l_cache - 1), s=d_state * d_inner)
+    if not d_inner:
+        return None
+    return RecurrentState(r=max(d_conv - 1, 0) * (d_inner + 2 * n_group * d_state), s=d_state * d_inner)
+
+
 def has_chat_template(h: GGUFHeader) -> bool:
     """The file carries a chat template llama-server would use: tokenizer.chat_template, or a
     named one (tokenizer.chat_template.tool_use, which llama.cpp takes when the default is absent)."""
@@ -543,6 +612,10 @@ def gguf_to_meta(
         # llama.cpp keeps a full-size cache for every layer of these models
         sliding_window = swa_layers = None
 
+    kv_layers = _per_layer(h.get(key(Att.HEAD_COUNT_KV)), n_layer)
+    ff_layers = _per_layer(h.get(key(LLM.FEED_FORWARD_LENGTH)), n_layer)
+    recurrent_flags, kv_layers = recurrent_layout(h, arch, n_layer, n_head_kv, kv_layers, ff_layers)
+    recurrent = bool(recurrent_flags and any(recurrent_flags))
     k_mla = _int(h.get(key(Att.KEY_LENGTH_MLA)))
     v_mla = _int(h.get(key(Att.VALUE_LENGTH_MLA)))
     n_params = sum(t.n_elements for t in tensors)
@@ -573,10 +646,17 @@ def gguf_to_meta(
         kv_lora_rank=_int(h.get(key(Att.KV_LORA_RANK))),
         head_dim_k_mla=k_mla,
         head_dim_v_mla=v_mla,
+        n_ff_exp=_int_or_max(h.get(key(LLM.EXPERT_FEED_FORWARD_LENGTH))),
+        n_head_kv_layers=kv_layers,
+        n_ff_layers=ff_layers,
         n_rot=_int(h.get(key(gguf.Keys.Rope.DIMENSION_COUNT))),
-        recurrent=arch in RECURRENT_ARCHS,
+        recurrent=recurrent,
+        recurrent_layers=recurrent_flags if recurrent else None,
+        recurrent_state=recurrent_state(h, arch, n_embd) if recurrent else None,
         has_chat_template=has_chat_template(h),
         tensor_bytes=group_tensor_bytes(tensors, n_layer),
+        tensors=[TensorEntry(name=t.name, type=t.type_name, bytes=t.n_bytes,
+                             rows=t.shape[1] if len(t.shape) > 1 else 1) for t in tensors],
         n_params=n_params or None,
     )
 

@@ -29,6 +29,29 @@ class TensorGroupBytes(BaseModel):
         return self.token_embd + self.output + sum(self.layers) + self.other
 
 
+class TensorEntry(BaseModel):
+    """One weight tensor as llama.cpp places it: name, ggml type, bytes and rows (ne[1]).
+    Tensor overrides (`-ot PATTERN=BUFT`) match these names; the CPU backend's repack
+    (CPU_REPACK) depends on the type and the row count."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    type: str = Field(description="ggml type name, e.g. Q4_K, F32")
+    bytes: int = Field(ge=0)
+    rows: int = Field(1, ge=0, description="ne[1]: 1 for a vector")
+
+
+class RecurrentState(BaseModel):
+    """Per-sequence state of one recurrent layer, in f32 elements, as llama.cpp's
+    llama_memory_recurrent allocates it (hparams.n_embd_r() and n_embd_s())."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    r: int = Field(ge=0, description="convolution / token-shift state (n_embd_r)")
+    s: int = Field(ge=0, description="SSM / WKV / delta-net state (n_embd_s)")
+
+
 class FilePin(BaseModel):
     """What one downloaded file must be: its size and, for hub LFS files, its sha256."""
 
@@ -76,13 +99,28 @@ class ModelMeta(BaseModel):
         None, description="MLA: per-head key size after decompression (DeepSeek V3: 192); the cache "
         "stores head_dim_k (576 = kv_lora_rank + rope) per layer and no V")
     head_dim_v_mla: int | None = Field(None, description="MLA: per-head value size after decompression")
+    n_ff_exp: int | None = Field(None, description="width of one expert's FFN (expert_feed_forward_length)")
+    n_head_kv_layers: list[int] | None = Field(
+        None, description="KV heads of each layer, where they differ between layers (0: the layer keeps no "
+        "KV cache, e.g. a recurrent layer of a hybrid or a Nemotron layer without attention); None: n_head_kv "
+        "for every layer")
+    n_ff_layers: list[int] | None = Field(None, description="FFN width of each layer, where it differs")
     n_rot: int | None = None
-    recurrent: bool = Field(False, description="recurrent/SSM layers (Mamba, RWKV): no growing KV")
+    recurrent: bool = Field(False, description="recurrent/SSM layers (Mamba, RWKV, hybrids): a fixed state per "
+                            "sequence instead of (or beside) a growing KV cache")
+    recurrent_layers: list[bool] | None = Field(
+        None, description="per layer: True where the layer keeps a recurrent state (None: no such layer)")
+    recurrent_state: RecurrentState | None = Field(
+        None, description="elements of one recurrent layer's state per sequence; None on a recurrent model: "
+        "its state is not modelled")
     has_chat_template: bool | None = Field(
         None, description="GGUF: the file carries tokenizer.chat_template (without one llama-server "
         "falls back to ChatML); None: not recorded (a lock file written before this field, or not a GGUF)")
 
     tensor_bytes: TensorGroupBytes = Field(default_factory=TensorGroupBytes)
+    tensors: list[TensorEntry] | None = Field(
+        None, description="GGUF: every tensor (name, type, bytes, rows), for tensor overrides and the CPU "
+        "repack; None: not recorded (a lock file written before this field, or not a GGUF)")
     weight_dtype_bytes: float | None = Field(
         None, description="safetensors/MLX: bytes per parameter of the stored weights"
     )
@@ -95,6 +133,17 @@ class ModelMeta(BaseModel):
     @property
     def is_mla(self) -> bool:
         return bool(self.head_dim_k_mla) and bool(self.head_dim_v_mla)
+
+    def kv_heads(self, il: int) -> int:
+        """KV heads of layer `il` (0: the layer keeps no KV cache)."""
+        if self.n_head_kv_layers is not None and il < len(self.n_head_kv_layers):
+            return self.n_head_kv_layers[il]
+        return 0 if self.recurrent and self.recurrent_layers is None else self.n_head_kv
+
+    def is_recurrent_layer(self, il: int) -> bool:
+        if self.recurrent_layers is not None:
+            return il < len(self.recurrent_layers) and self.recurrent_layers[il]
+        return self.recurrent
 
     @property
     def is_moe(self) -> bool:
