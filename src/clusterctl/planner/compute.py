@@ -17,9 +17,12 @@ def per_stream(n_ctx_seq: int, swa_cells: int | None) -> list[tuple[int, bool]]:
 
 
 def compute_buffers(meta: ModelMeta, p: LlamaParams, mem: dict[str, DeviceMemory], placement: list[str],
-                    devices: list[Device], caches: list[tuple[int, bool]]) -> None:
+                    devices: list[Device], caches: list[tuple[int, bool]],
+                    moved: dict[str, str] | None = None) -> None:
     """Set each device's `compute` (the host's includes its output buffer: one row of logits per
-    sequence). `placement` is the device of each of the n_layer + 1 layers."""
+    sequence). `placement` is the device of each of the n_layer + 1 layers; `moved` maps the name
+    of each tensor that a tensor override put somewhere other than its layer's device (e.g. the
+    experts of a GPU layer kept in host memory by --n-cpu-moe) to the device it went to."""
     offloaded = any(dev != HOST for dev in placement)
     all_offloaded = all(dev != HOST for dev in placement)
     n_copies = 4 if len(devices) > 1 and all_offloaded else 1
