@@ -461,8 +461,10 @@ def test_a_recurrent_model_is_a_clean_error_in_estimate_and_a_plan_error_in_plan
     w.add_vocab_size(100)
     w.add_tensor("token_embd.weight", np.zeros((100, 64), dtype=np.float32))
     assets.finish(w)
-    message = ("architecture 'mamba' has recurrent (state-space) layers: the llama.cpp estimator does not model "
-               "their state yet, so it cannot say whether this model fits")
+    # a Mamba header without its ssm.* sizes: the state cannot be sized
+    message = ("architecture 'mamba' has recurrent layers whose state size the estimator cannot tell from this "
+               "file (it follows llama.cpp's ssm.*, wkv.* and shortconv.* keys; linear-attention and KDA layers "
+               "are not modelled), so it cannot say whether this model fits")
     result = CliRunner().invoke(app, ["estimate", str(tmp_path / "mamba.gguf"), "--json"])
     assert result.exit_code == 5, result.output
     assert json.loads(result.stdout)["error"]["message"] == message

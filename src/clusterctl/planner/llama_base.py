@@ -10,6 +10,8 @@ from clusterctl.models.meta import ModelMeta
 
 MIB = 2**20
 
+MOE_EXPERTS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"  # llama.cpp's LLM_FFN_EXPS_REGEX
+
 # bytes per element of each KV cache type: (block size, bytes per block), as in ggml
 CACHE_TYPES: dict[str, tuple[int, int]] = {
     "f32": (1, 4), "f16": (1, 2), "bf16": (1, 2),
@@ -29,6 +31,16 @@ def pad(n: int, to: int) -> int:
     return ((n + to - 1) // to) * to
 
 
+def moe_overrides(cpu_moe: bool, n_cpu_moe: int) -> tuple[tuple[str, str], ...]:
+    """The overrides llama.cpp's --cpu-moe and --n-cpu-moe N add (common/arg.cpp): every
+    layer's experts, or those of layers 0..N-1, in host memory."""
+    out: list[tuple[str, str]] = []
+    if cpu_moe:
+        out.append((MOE_EXPERTS_REGEX, "CPU"))
+    out.extend((rf"blk\.{i}{MOE_EXPERTS_REGEX}", "CPU") for i in range(n_cpu_moe))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class LlamaParams:
     n_ctx: int | None = None  # None: the model's training context
@@ -42,6 +54,12 @@ class LlamaParams:
     n_gpu_layers: int = 999
     swa_full: bool = False
     tensor_split: tuple[float, ...] = ()
+    # tensor buffer-type overrides in llama.cpp's order (-ot, then --cpu-moe / --n-cpu-moe
+    # expanded by moe_overrides): (regex searched in the tensor name, buffer type); first match wins
+    overrides: tuple[tuple[str, str], ...] = ()
+    mmap: bool = True  # llama.cpp's default; --no-mmap / --load-mode none read the weights instead
+    repack: bool = True  # the CPU backend's repacked copies (CPU_REPACK); --no-repack turns them off
+    cpu_arch: str = "x86_64"  # which repack kernels the host CPU has: x86_64 (AVX2) or aarch64
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,7 @@ class Device:
     id: str
     free: int  # bytes; used for the default split, like llama.cpp's free-memory split
     gpu: bool = True  # False for CPU-backed devices (e.g. rpc-server on a CPU host)
+    aliases: tuple[str, ...] = ()  # llama.cpp's names for it in -ot (CUDA0, RPC[10.0.0.2:50052])
 
 
 @dataclass
@@ -60,6 +79,8 @@ class DeviceMemory:
     compute: int = 0
     layers: list[int] = field(default_factory=list)
     output: bool = False
+    repack: int = 0  # of `weights`: the CPU backend's repacked copies beside the memory-mapped file
+    moved_in: int = 0  # of `weights`: tensors that overrides put here from another device's layers
 
     @property
     def total(self) -> int:
