@@ -36,6 +36,7 @@ def params_from_args(args: Sequence[str]) -> LlamaParams:
         n_ubatch=int(value("-ub", "--ubatch-size", default="512") or 512),
         n_gpu_layers=int(value("-ngl", "--n-gpu-layers", default="999") or 999),
         swa_full="--swa-full" in a,
+        mmap=not ("--no-mmap" in a or value("--load-mode") == "none"),
     )
 
 
