@@ -551,6 +551,14 @@ class Service(Strict):
     gpu_layers: int | Literal["all"] = "all"
     tensor_split: list[float] = Field(default_factory=list, description="llama.cpp: proportions per device, "
                                       "e.g. [3, 1]")
+    override_tensors: list[str] = Field(
+        default_factory=list, description="llama.cpp -ot PATTERN=BUFT, in order (first match wins): a regex "
+        "searched in each tensor's name and a buffer type: CPU, CUDA0 (the head's GPUs in order), "
+        "RPC[host:port]; e.g. 'blk\\.(1[3-9]|[2-5][0-9])\\.ffn_.*_exps\\.=CPU'")
+    cpu_moe: bool = Field(False, description="llama.cpp --cpu-moe: every MoE expert tensor in host memory")
+    n_cpu_moe: int = Field(0, ge=0, le=4096, description="llama.cpp --n-cpu-moe N: the experts of layers 0..N-1 "
+                           "in host memory")
+    mmap: bool = Field(True, description="llama.cpp memory-maps the weights (false: --no-mmap, read into memory)")
     devices: list[int] = Field(default_factory=list, description="GPU indexes of the node this service uses")
     rpc_workers: list[Name] = Field(default_factory=list, description="rpc-server services this head uses")
     tensor_parallel: int = Field(1, ge=1, le=64)
@@ -616,6 +624,24 @@ class Service(Strict):
             if not 0 <= x < float("inf"):
                 raise ValueError(f"tensor_split {', '.join(f'{y:g}' for y in v)}: each share must be a finite "
                                  "number >= 0 (llama.cpp's proportions per device, e.g. [3, 1])")
+        return v
+
+    @field_validator("override_tensors")
+    @classmethod
+    def _override_tensors(cls, v: list[str]) -> list[str]:
+        for item in v:
+            pattern, sep, buft = item.rpartition("=")
+            if not sep or not pattern or not buft.strip():
+                raise ValueError(f"override_tensors {item!r}: give PATTERN=BUFFER_TYPE, e.g. '_exps\\.=CPU'")
+            if "," in item:
+                raise ValueError(f"override_tensors {item!r}: llama.cpp splits -ot at commas; give each "
+                                 "PATTERN=BUFT as its own entry, and no comma inside a pattern (write "
+                                 "[0-9][0-9] for {2})")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"override_tensors {item!r}: the pattern is not a regular expression ({exc})") \
+                    from None
         return v
 
     @field_validator("gpu_layers")
@@ -979,9 +1005,18 @@ def _xref_errors(inv: Inventory) -> list[tuple[tuple[str | int, ...], str, str |
                                      "vLLM claims a fraction of the whole GPU; give each instance its own GPU"))
                     else:
                         used_gpus[gkey] = sname
-            if svc.tensor_split and len(svc.tensor_split) > max(ndev, 1):
+            # llama.cpp splits over the head's GPUs and every RPC worker's devices
+            split_devs = (len(svc.devices) if svc.devices else ndev) + sum(
+                len(ws.devices) or len(inv.nodes[ws.node_names[0]].devices())
+                for ws in (inv.services[w] for w in svc.rpc_workers if w in inv.services)
+                if ws.node_names and ws.node_names[0] in inv.nodes)
+            if svc.tensor_split and len(svc.tensor_split) > max(split_devs, 1):
+                where = f"node '{n}' has {ndev}" + (f" and its RPC workers {split_devs - ndev}" if svc.rpc_workers
+                                                    else "")
                 errs.append((("services", sname, "tensor_split"),
-                             f"tensor_split has {len(svc.tensor_split)} entries; node '{n}' has {ndev} devices", None))
+                             f"tensor_split has {len(svc.tensor_split)} entries; {where} devices",
+                             "one share per device llama.cpp splits over: the head's GPUs, then each RPC "
+                             "worker's"))
         errs += _firewall_errors(inv, sname, svc)
         if svc.engine == "rpc-server" and svc.node in inv.nodes:
             try:

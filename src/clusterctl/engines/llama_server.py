@@ -36,6 +36,14 @@ class LlamaServer(Adapter):
             argv += ["--threads", str(svc.threads)]
         if svc.tensor_split:
             argv += ["--tensor-split", ",".join(f"{x:g}" for x in svc.tensor_split)]
+        for override in svc.override_tensors:  # llama.cpp's order: first match wins
+            argv += ["--override-tensor", override]
+        if svc.cpu_moe:
+            argv.append("--cpu-moe")
+        if svc.n_cpu_moe:
+            argv += ["--n-cpu-moe", str(svc.n_cpu_moe)]
+        if not svc.mmap:
+            argv.append("--no-mmap")
         remote: list[str] = []
         if svc.rpc_workers:
             endpoints = []

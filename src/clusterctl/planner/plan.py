@@ -11,9 +11,11 @@ from clusterctl.engines.ollama import DEFAULT_CONTEXT as OLLAMA_DEFAULT_CONTEXT
 from clusterctl.engines.vllm import cpu_kv_bytes, on_cpu
 from clusterctl.errors import MetadataError
 from clusterctl.inventory import Inventory, Node, Service
+from clusterctl.layout import host_port, rpc_endpoint
 from clusterctl.models.meta import ModelMeta
 from clusterctl.planner.engines import CPU_RANK_OVERHEAD, estimate_vllm, split_mlx, vllm_kv_bytes_per_token
-from clusterctl.planner.llama import HOST, Device, LlamaEstimate, LlamaParams, estimate_llama
+from clusterctl.planner.llama import HOST, Device, LlamaEstimate, LlamaParams, OverrideError, estimate_llama
+from clusterctl.planner.llama_base import moe_overrides
 from clusterctl.units import GIB, fmt_size, parse_rate
 
 Verdict = Literal["fits", "tight", "does-not-fit"]
@@ -194,7 +196,15 @@ def llama_params(svc: Service, meta: ModelMeta, *, context: int | None = None) -
         cache_type_k=svc.cache_type_k, cache_type_v=svc.cache_type_v, flash_attn=flash,
         n_batch=svc.batch, n_ubatch=svc.ubatch, n_gpu_layers=ngl,
         tensor_split=tuple(svc.tensor_split),
+        overrides=service_overrides(svc), mmap=svc.mmap,
     )
+
+
+def service_overrides(svc: Service) -> tuple[tuple[str, str], ...]:
+    """A service's tensor overrides in the order its rendered command gives them to llama.cpp:
+    each override_tensors entry, then --cpu-moe, then --n-cpu-moe."""
+    own = tuple(tuple(o.rsplit("=", 1)) for o in svc.override_tensors)
+    return own + moe_overrides(svc.cpu_moe, svc.n_cpu_moe)  # type: ignore[return-value]
 
 
 def _llama_devices(ledger: _Ledger, inv: Inventory, name: str, svc: Service
@@ -204,15 +214,20 @@ def _llama_devices(ledger: _Ledger, inv: Inventory, name: str, svc: Service
     plans: dict[str, DevicePlan] = {}
     node = svc.node_names[0]
     members = [(node, svc.devices or None)]
+    w_endpoint: dict[str, tuple[str, int]] = {}
     for w in svc.rpc_workers:
         wsvc = inv.services[w]
         members.append((wsvc.node_names[0], wsvc.devices or None))
+        w_endpoint[wsvc.node_names[0]] = rpc_endpoint(inv, w)
     for n, idx in members:
         for dp in ledger.gpu_devices(n, idx):
             if dp.kind == "cpu" and n == node:
                 continue  # the head's own CPU is the host, not an offload device
             key = f"{n}/{dp.id}"
-            devices.append(Device(key, max(ledger.free(dp), 0)))
+            aliases: tuple[str, ...] = ()
+            if n != node and n in w_endpoint:
+                aliases = (f"RPC[{host_port(*w_endpoint[n])}]",)
+            devices.append(Device(key, max(ledger.free(dp), 0), gpu=dp.kind != "cpu", aliases=aliases))
             plans[key] = dp
     return devices, plans
 
@@ -296,6 +311,10 @@ def make_plan(inv: Inventory, metas: dict[str, ModelMeta]) -> Plan:
                 services.append(_plan_llama(inv, ledger, metas, name, svc, meta, findings))
             except MetadataError as exc:  # a model the estimator does not understand: this service only
                 findings.append(Finding("error", name, str(exc), exc.hint))
+            except OverrideError as exc:
+                findings.append(Finding("error", name, f"override_tensors: {exc}",
+                                        "name CPU, CUDA0.. (the head's GPUs in order) or RPC[host:port] of one "
+                                        "of its rpc_workers"))
         elif memory_model == "vllm":
             assert meta is not None
             services.append(_plan_vllm(inv, ledger, name, svc, meta, findings))
