@@ -564,7 +564,9 @@ def estimate(
     cache_type_k: Annotated[str, typer.Option("--cache-type-k", "-ctk")] = "f16",
     cache_type_v: Annotated[str, typer.Option("--cache-type-v", "-ctv")] = "f16",
     flash_attn: Annotated[bool, typer.Option("--flash-attn/--no-flash-attn", "-fa/-nofa")] = True,
-    parallel: Annotated[int, typer.Option("--parallel", "-np", min=1)] = 1,
+    parallel: Annotated[int | None, typer.Option(
+        "--parallel", "-np", min=1, help="slots (default: llama-server's: 4 slots sharing one unified KV pool)")
+    ] = None,
     kv_unified: Annotated[bool, typer.Option("--kv-unified", help="one KV pool shared by all slots")] = False,
     ubatch: Annotated[int, typer.Option("--ubatch", "-ub", min=1)] = 512,
     batch: Annotated[int, typer.Option("--batch", "-b", min=1)] = 2048,
@@ -574,16 +576,31 @@ def estimate(
         help="comma-separated device memory, e.g. 24GiB,24GiB (RPC workers count as devices); "
         "default: CPU only")] = None,
     tensor_split: Annotated[str | None, typer.Option("--tensor-split", "-ts", help="e.g. 3,1")] = None,
+    override_tensor: Annotated[list[str] | None, typer.Option(
+        "--override-tensor", "-ot", help="PATTERN=BUFT, repeatable, first match wins (llama.cpp's -ot): a regex "
+        "searched in tensor names and CPU or a device (dev0, CUDA0 = the first of --devices), e.g. "
+        "-ot 'blk\\.(1[3-9]|[2-5][0-9])\\.ffn_.*_exps\\.=CPU'")] = None,
+    cpu_moe: Annotated[bool, typer.Option("--cpu-moe", "-cmoe", help="every MoE expert tensor in host memory "
+                                          "(applied after -ot)")] = False,
+    n_cpu_moe: Annotated[int, typer.Option("--n-cpu-moe", "-ncmoe", min=0, help="the experts of layers 0..N-1 in "
+                                           "host memory (applied after -ot and --cpu-moe)")] = 0,
+    no_mmap: Annotated[bool, typer.Option("--no-mmap", help="weights read into memory, not mapped (no second copy "
+                                          "beside the CPU backend's repacked tensors)")] = False,
     json: JsonOpt = False,
 ) -> None:
-    """Memory of one llama.cpp instance per device: weights, KV cache, compute buffers (MiB)."""
+    """Memory of one llama.cpp instance per device: weights, KV cache, compute buffers (MiB).
+
+    With no flags it takes llama-server's own defaults: 4 slots sharing one unified KV cache,
+    the model's training context, every layer offloaded, memory-mapped weights."""
     import os
+    import re
 
     from clusterctl import ui
     from clusterctl.errors import UsageError
     from clusterctl.inventory import LLAMA_CPP_MAX_PARALLEL, LLAMA_CPP_QUANTIZED_CACHE
     from clusterctl.models.fetch import read_meta
-    from clusterctl.planner.llama import CACHE_TYPES, Device, LlamaParams, estimate_llama
+    from clusterctl.planner.llama import CACHE_TYPES, Device, LlamaParams, OverrideError, estimate_llama
+    from clusterctl.planner.llama_base import moe_overrides
     from clusterctl.units import MIB, parse_size
 
     for name, value in (("--cache-type-k", cache_type_k), ("--cache-type-v", cache_type_v)):
@@ -594,6 +611,20 @@ def estimate(
         split = tuple(float(x) for x in tensor_split.split(",")) if tensor_split else ()
     except ValueError as exc:
         raise UsageError(str(exc), "e.g. --devices 24GiB,24GiB --tensor-split 3,1") from None
+    if parallel is None:  # llama-server's -np auto: 4 slots, one unified KV cache
+        parallel, kv_unified = 4, True
+    overrides: list[tuple[str, str]] = []
+    for item in override_tensor or []:
+        for part in item.split(","):  # llama.cpp's -ot takes a comma-separated list too
+            pattern, sep, buft = part.rpartition("=")
+            if not sep or not pattern or not buft:
+                raise UsageError(f"--override-tensor {part!r}: give PATTERN=BUFFER_TYPE", "e.g. -ot '_exps\\.=CPU'")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise UsageError(f"--override-tensor {part!r}: the pattern is not a regular expression ({exc})",
+                                 "e.g. -ot 'blk\\.[0-9]\\.ffn_.*_exps\\.=CPU'") from None
+            overrides.append((pattern, buft))
     if parallel > LLAMA_CPP_MAX_PARALLEL:
         raise UsageError(f"--parallel {parallel}: llama.cpp serves at most {LLAMA_CPP_MAX_PARALLEL} slots",
                          f"--parallel 1..{LLAMA_CPP_MAX_PARALLEL}")
@@ -605,19 +636,28 @@ def estimate(
     meta = read_meta(model, token=os.environ.get("HF_TOKEN") or None)
     params = LlamaParams(n_ctx=ctx, n_parallel=parallel, kv_unified=kv_unified, cache_type_k=cache_type_k,
                          cache_type_v=cache_type_v, flash_attn=flash_attn, n_batch=batch, n_ubatch=ubatch,
-                         n_gpu_layers=gpu_layers, swa_full=swa_full, tensor_split=split)
-    est = estimate_llama(meta, params, [Device(f"dev{i}", b) for i, b in enumerate(budgets)])
+                         n_gpu_layers=gpu_layers, swa_full=swa_full, tensor_split=split,
+                         overrides=tuple(overrides) + moe_overrides(cpu_moe, n_cpu_moe), mmap=not no_mmap)
+    try:
+        est = estimate_llama(meta, params, [Device(f"dev{i}", b, aliases=(f"CUDA{i}",))
+                                            for i, b in enumerate(budgets)])
+    except OverrideError as exc:
+        raise UsageError(f"--override-tensor: {exc}", "name CPU or one of the --devices: dev0, dev1.. "
+                         "(CUDA0, CUDA1..)") from None
     over = [f"dev{i}" for i, b in enumerate(budgets) if est.devices[f"dev{i}"].total > b]
     if json:
         ui.print_json({
             "model": meta.name or model, "n_ctx": est.n_ctx, "n_ctx_seq": est.n_ctx_seq,
             "unit": "MiB",
-            "devices": {k: {"weights": round(d.weights / MIB, 2), "kv": round(d.kv / MIB, 2),
+            "slots": params.n_parallel, "kv_unified": params.kv_unified,
+            "devices": {k: {"weights": round(d.weights / MIB, 2), "repack": round(d.repack / MIB, 2),
+                            "kv": round(d.kv / MIB, 2),
                             "compute": round(d.compute / MIB, 2), "total": round(d.total / MIB, 2),
                             "layers": len(d.layers), "output": d.output}
                         for k, d in est.devices.items()},
             "kv_caches": [{"cells": c.cells, "layers": c.layers, "k": round(c.k_bytes / MIB, 2),
-                           "v": round(c.v_bytes / MIB, 2), "swa": c.swa} for c in est.caches],
+                           "v": round(c.v_bytes / MIB, 2), "swa": c.swa, "recurrent": c.recurrent}
+                          for c in est.caches],
             "total": round(est.total / MIB, 2),
             "fits": not over,
         })

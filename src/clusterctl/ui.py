@@ -183,8 +183,14 @@ def estimate(est: LlamaEstimate) -> None:
     t.add_row("total", "", f"{est.kv_total / MIB:.2f}", "", f"{est.total / MIB:.2f}")
     out.print(f"context {est.n_ctx} cells ({est.n_ctx_seq} per sequence)")
     for c in est.caches:
+        if c.recurrent:
+            out.print(f"  recurrent state: {c.cells} sequences x {c.layers} layers = {c.total / MIB:.2f} MiB")
+            continue
         kind = "SWA" if c.swa else "full"
         out.print(f"  {kind} KV cache: {c.cells} cells x {c.layers} layers = {c.total / MIB:.2f} MiB")
+    repack = sum(d.repack for d in est.devices.values())
+    if repack:
+        out.print(f"  weights include {repack / MIB:.2f} MiB of the CPU backend's repacked copies (--no-mmap: none)")
     out.print(t)
 
 

@@ -92,7 +92,7 @@ def test_experts_in_host_memory_are_repacked_beside_the_mapping() -> None:
 
 def test_an_unknown_buffer_type_is_refused_with_the_devices_named() -> None:
     with pytest.raises(OverrideError, match=r"buffer type 'CUDA2' is none of this instance's devices "
-                                            r"\(CPU, CUDA0, CUDA1\)"):
+                                            r"\(CPU, dev0 = CUDA0, dev1 = CUDA1\)"):
         estimate_llama(moe_meta(), LlamaParams(overrides=((r"exps", "CUDA2"),)), gpus())
     rpc = [Device("n2/cpu", 8 << 30, gpu=False, aliases=("RPC[10.0.0.2:50052]",))]
     assert resolve_buft("RPC[10.0.0.2:50052]", rpc) == "n2/cpu"

@@ -109,3 +109,34 @@ def test_tensor_split_may_cover_the_rpc_workers_devices(tmp_path: Path) -> None:
     with pytest.raises(InventoryErrors, match="tensor_split has 4 entries; node 'gpu' has 2 and its RPC workers 1 "
                                               "devices"):
         _inventory(tmp_path, CHAT + ", rpc_workers: [rpc], tensor_split: [2, 1, 1, 1]}" + rpc)
+
+
+def test_estimate_takes_llama_servers_defaults_and_the_override_flags(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from clusterctl.cli import app
+    from clusterctl.models.gguf_reader import read_local
+    from tests import assets
+
+    path = assets.write_llama_like(tmp_path / "tiny.gguf")
+    runner = CliRunner()
+    bare = json.loads(runner.invoke(app, ["estimate", str(path), "--json"]).stdout)
+    assert (bare["slots"], bare["kv_unified"], bare["n_ctx"], bare["n_ctx_seq"]) == (4, True, 4096, 4096)
+    one = json.loads(runner.invoke(app, ["estimate", str(path), "-np", "1", "--json"]).stdout)
+    assert (one["slots"], one["kv_unified"]) == (1, False)
+
+    layer0 = sum(t.bytes for t in read_local(path).tensors or [] if t.name.startswith("blk.0."))
+    args = ["estimate", str(path), "--devices", "1GiB", "--no-mmap", "--json"]
+    plain = json.loads(runner.invoke(app, args).stdout)["devices"]
+    moved = json.loads(runner.invoke(app, [*args, "-ot", r"blk\.0\.=CPU"]).stdout)["devices"]
+    assert round(moved["host"]["weights"] - plain["host"]["weights"], 2) == round(layer0 / 2**20, 2)
+    assert round(plain["dev0"]["weights"] - moved["dev0"]["weights"], 2) == round(layer0 / 2**20, 2)
+
+    bad = runner.invoke(app, [*args, "-ot", r"blk\.0\.=CUDA1"])
+    assert bad.exit_code == 2
+    assert json.loads(bad.stdout)["error"]["message"] == (
+        "--override-tensor: buffer type 'CUDA1' is none of this instance's devices (CPU, dev0 = CUDA0)")
+    help_text = runner.invoke(app, ["estimate", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "--override-tensor" in help_text and "--cpu-moe" in help_text and "--n-cpu-moe" in help_text

@@ -139,7 +139,7 @@ def resolve_buft(buft: str, devices: list[Device]) -> str:
     local = [d for d in devices if not any(a.startswith("RPC[") for a in d.aliases)]
     if m and int(m.group(2) or 0) < len(local):
         return local[int(m.group(2) or 0)].id
-    names = ["CPU"] + [d.aliases[0] if d.aliases else d.id for d in devices]
+    names = ["CPU"] + [f"{d.id} = {d.aliases[0]}" if d.aliases else d.id for d in devices]
     raise OverrideError(f"buffer type {buft!r} is none of this instance's devices ({', '.join(names)})")
 
 
