@@ -60,6 +60,9 @@ class LlamaParams:
     mmap: bool = True  # llama.cpp's default; --no-mmap / --load-mode none read the weights instead
     repack: bool = True  # the CPU backend's repacked copies (CPU_REPACK); --no-repack turns them off
     cpu_arch: str = "x86_64"  # which repack kernels the host CPU has: x86_64 (AVX2) or aarch64
+    # llama.cpp build number (bNNNN) whose compute-buffer sizing to follow; None: the release
+    # the tests build (planner/compute.py lists the builds at which the rules changed)
+    llama_build: int | None = None
 
 
 @dataclass(frozen=True)
