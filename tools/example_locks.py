@@ -17,7 +17,7 @@ from pathlib import Path
 
 from clusterctl.inventory import load_inventory
 from clusterctl.lockfile import LockedModel, LockFile, lock_path, read_lock, write_lock
-from clusterctl.models.meta import ModelMeta, TensorGroupBytes
+from clusterctl.models.meta import ModelMeta, TensorEntry, TensorGroupBytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +45,8 @@ class Arch:
     sliding_window: int | None = None
     swa_pattern: int | None = None
     extra: dict[str, int] = field(default_factory=dict)
+    n_ff_exp: int | None = None  # one expert's FFN width (moe_intermediate_size)
+    n_dense: int = 0  # leading dense layers of an MoE model (first_k_dense_replace)
 
 
 # Facts from each model's config.json on the Hugging Face hub (num_hidden_layers, hidden_size,
@@ -60,19 +62,19 @@ ARCHS: dict[str, Arch] = {
     # DeepSeek-V3 / V3.1: 61 layers (3 dense), MLA with kv_lora_rank 512 and 64 rope dims
     "deepseek-v3": Arch("deepseek2", 61, 7168, 128, 128, 192, 129280, 163840, 18432,
                         671_000_000_000, head_dim_v=128, n_expert=256, n_expert_used=8,
-                        n_expert_shared=1, kv_lora_rank=512, mla_k=576, n_rot=64),
+                        n_expert_shared=1, kv_lora_rank=512, mla_k=576, n_rot=64, n_ff_exp=2048, n_dense=3),
     "llama3.1-70b": Arch("llama", 80, 8192, 64, 8, 128, 128256, 131072, 28672, 70_600_000_000),
     "llama3.1-8b": Arch("llama", 32, 4096, 32, 8, 128, 128256, 131072, 14336, 8_030_000_000),
     "llama3.2-1b": Arch("llama", 16, 2048, 32, 8, 64, 128256, 131072, 8192, 1_240_000_000, tied=True),
     "llama3.2-3b": Arch("llama", 28, 3072, 24, 8, 128, 128256, 131072, 8192, 3_210_000_000, tied=True),
     "qwen2-57b-a14b": Arch("qwen2moe", 28, 3584, 28, 4, 128, 151936, 32768, 18944, 57_400_000_000,
-                           n_expert=64, n_expert_used=8, n_expert_shared=8),
+                           n_expert=64, n_expert_used=8, n_expert_shared=8, n_ff_exp=2560),
     "qwen3-coder-30b-a3b": Arch("qwen3moe", 48, 2048, 32, 4, 128, 151936, 262144, 6144,
-                                30_500_000_000, n_expert=128, n_expert_used=8),
+                                30_500_000_000, n_expert=128, n_expert_used=8, n_ff_exp=768),
     "gpt-oss-20b": Arch("gpt-oss", 24, 2880, 64, 8, 64, 201088, 131072, 2880, 20_900_000_000,
-                        n_expert=32, n_expert_used=4, sliding_window=128, swa_pattern=2),
+                        n_expert=32, n_expert_used=4, sliding_window=128, swa_pattern=2, n_ff_exp=2880),
     "minimax-m2.1": Arch("minimax-m2", 62, 3072, 48, 8, 128, 200064, 196608, 1536, 229_000_000_000,
-                         n_expert=256, n_expert_used=8),
+                         n_expert=256, n_expert_used=8, n_ff_exp=1536),
     "gemma-3-270m": Arch("gemma3", 18, 640, 4, 1, 256, 262144, 32768, 2048, 268_000_000, tied=True,
                          sliding_window=512, swa_pattern=6),
     # LLM360/K2-Think: a fine-tune of Qwen/Qwen2.5-32B (base_model in its card), so the same shape
@@ -89,6 +91,38 @@ class Pinned:
     file_bytes: int
     files: tuple[str, ...]
     fmt: str = "gguf"
+
+
+def moe_tensors(a: Arch, p: Pinned, embd: int, output: int, layer_bytes: int) -> list[TensorEntry] | None:
+    """A GGUF MoE model's tensors as llama.cpp names them, sized from the config at the file's
+    mean bytes per parameter: per layer the routed experts (ffn_{gate,up,down}_exps), the shared
+    expert, the dense FFN of the leading dense layers, and the attention (the rest of the layer's
+    bytes, the same for every layer), so that tensor overrides can be planned."""
+    if p.fmt != "gguf" or not a.n_expert or not a.n_ff_exp:
+        return None
+    bpp = p.file_bytes / a.n_params
+    quant = p.quant.removeprefix("UD-").split("_")
+    qtype = "_".join(quant[:2]) if len(quant) > 1 and len(quant[1]) == 1 else quant[0]
+    experts = int(a.n_expert * a.n_embd * a.n_ff_exp * bpp)  # one of gate / up / down
+    shared = int(a.n_expert_shared * a.n_embd * a.n_ff_exp * bpp)
+    dense = int(a.n_embd * a.n_ff * bpp)
+    n_moe = a.n_layer - a.n_dense
+    attn = (layer_bytes * a.n_layer - n_moe * 3 * (experts + shared) - a.n_dense * 3 * dense) // a.n_layer
+    out = [TensorEntry(name="token_embd.weight", type=qtype, bytes=embd, rows=a.n_vocab)]
+    if output:
+        out.append(TensorEntry(name="output.weight", type=qtype, bytes=output, rows=a.n_vocab))
+    for il in range(a.n_layer):
+        out.append(TensorEntry(name=f"blk.{il}.attn.weight", type=qtype, bytes=attn, rows=a.n_embd))
+        for part in ("gate", "up", "down"):
+            if il < a.n_dense:
+                out.append(TensorEntry(name=f"blk.{il}.ffn_{part}.weight", type=qtype, bytes=dense, rows=a.n_ff))
+                continue
+            out.append(TensorEntry(name=f"blk.{il}.ffn_{part}_exps.weight", type=qtype, bytes=experts,
+                                   rows=a.n_ff_exp))
+            if shared:
+                out.append(TensorEntry(name=f"blk.{il}.ffn_{part}_shexp.weight", type=qtype, bytes=shared,
+                                       rows=a.n_ff_exp))
+    return out
 
 
 def meta_for(p: Pinned, source: str) -> ModelMeta:
@@ -114,7 +148,9 @@ def meta_for(p: Pinned, source: str) -> ModelMeta:
         kv_lora_rank=a.kv_lora_rank,
         head_dim_k_mla=a.head_dim if a.mla_k else None,
         head_dim_v_mla=(a.head_dim_v or a.head_dim) if a.mla_k else None, n_rot=a.n_rot,
+        n_ff_exp=a.n_ff_exp,
         tensor_bytes=TensorGroupBytes(token_embd=embd, output=output, layers=[per_layer] * a.n_layer),
+        tensors=moe_tensors(a, p, embd, output, per_layer),
         weight_dtype_bytes=round(bytes_per_param, 4) if p.fmt != "gguf" else None,
         n_params=a.n_params,
     )

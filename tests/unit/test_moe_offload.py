@@ -92,7 +92,8 @@ def test_an_override_naming_a_missing_gpu_is_a_plan_error(tmp_path: Path) -> Non
 
 
 def test_an_override_may_name_an_rpc_worker(tmp_path: Path) -> None:
-    inv = _inventory(tmp_path, CHAT + r", rpc_workers: [rpc], override_tensors: ['blk\.0\..*_exps\.=RPC[10.0.0.2:50052]']}"
+    override = r"blk\.0\..*_exps\.=RPC[10.0.0.2:50052]"
+    inv = _inventory(tmp_path, CHAT + f", rpc_workers: [rpc], override_tensors: ['{override}']}}"
                      "\nrpc: {engine: rpc-server, node: w, port: 50052, bind: 10.0.0.2}")
     plan = make_plan(inv, {"m": moe_meta()})
     errors = [f for f in plan.findings if f.severity == "error"]
@@ -140,3 +141,28 @@ def test_estimate_takes_llama_servers_defaults_and_the_override_flags(tmp_path: 
         "--override-tensor: buffer type 'CUDA1' is none of this instance's devices (CPU, dev0 = CUDA0)")
     help_text = runner.invoke(app, ["estimate", "--help"], env={"COLUMNS": "200"}).stdout
     assert "--override-tensor" in help_text and "--cpu-moe" in help_text and "--n-cpu-moe" in help_text
+
+
+def test_plan_proposes_the_fewest_expert_layers_in_host_memory(tmp_path: Path) -> None:
+    """A GPU too small for the model: the plan names the smallest n_cpu_moe that fits, and that
+    inventory change indeed fits while one layer fewer does not."""
+    import re
+
+    nodes = NODES.replace("accelerators: [{kind: cuda, count: 2, memory: 24GiB}]",
+                          "accelerators: [{kind: cuda, memory: 100MiB}]")
+
+    def inventory(extra: str) -> Inventory:
+        path = tmp_path / "small.yaml"
+        path.write_text(nodes + f"  {CHAT}{extra}}}\n")
+        return load_inventory(path)
+
+    meta = moe_meta()
+    plan = make_plan(inventory(""), {"m": meta})
+    (error,) = [f for f in plan.findings if f.severity == "error"]
+    match = re.search(r"n_cpu_moe: (\d+) \(llama.cpp --n-cpu-moe: the experts of layers 0-(\d+) in gpu's ram",
+                      error.hint or "")
+    assert match, error.hint
+    n = int(match.group(1))
+    assert int(match.group(2)) == n - 1 and 1 <= n <= 4
+    assert make_plan(inventory(f", n_cpu_moe: {n}"), {"m": meta}).ok
+    assert not make_plan(inventory(f", n_cpu_moe: {n - 1}"), {"m": meta}).ok

@@ -134,7 +134,7 @@ class Plan:
                 {
                     "node": d.node, "device": d.id, "kind": d.kind, "name": d.name,
                     "capacity": d.capacity, "reserve": d.reserve, "used": d.used,
-                    "utilization": round(d.utilization, 4), "safe_zone": d.safe_zone,
+                    "utilization": round(d.utilization, 6), "safe_zone": d.safe_zone,
                     "verdict": d.verdict,
                     "usages": [asdict(u) | {"total": u.total} for u in d.usages],
                 }
@@ -414,15 +414,30 @@ def _misfit_finding(inv: Inventory, ledger: _Ledger, metas: dict[str, ModelMeta]
             continue
         devices, plans = _llama_devices(ledger, inv, name, svc)
         alt_est = estimate_llama(alt_meta, llama_params(svc, alt_meta), devices)
+        label = alt_meta.file_type or alt
         if _fits_alone(alt_est, plans, ledger.host(svc.node_names[0])):
-            label = alt_meta.file_type or alt
             hints.append(f"model '{alt}' ({label}, {fmt_size(alt_meta.weights_bytes)}) fits at this context")
+            break
+        alt_offload = _experts_offload(inv, ledger, name, svc, alt_meta)
+        if alt_offload is not None:
+            hints.append(f"model '{alt}' ({label}, {fmt_size(alt_meta.weights_bytes)}) with n_cpu_moe: "
+                         f"{svc.n_cpu_moe + alt_offload[0]} (its experts of layers 0-"
+                         f"{svc.n_cpu_moe + alt_offload[0] - 1} in host memory, {fmt_size(alt_offload[1])}) fits "
+                         "at this context")
             break
     if not hints:
         hints.append(f"no listed quantisation of this model fits at context {ctx}")
+    offload = _experts_offload(inv, ledger, name, svc, meta)
+    if offload is not None:
+        n, host_bytes = offload
+        where = ledger.host(svc.node_names[0])
+        pool = f"{svc.node_names[0]}'s {where.id if where else 'RAM'}"
+        hints.append(f"n_cpu_moe: {svc.n_cpu_moe + n} (llama.cpp --n-cpu-moe: the experts of layers "
+                     f"0-{svc.n_cpu_moe + n - 1} in {pool}, {fmt_size(host_bytes)} there) fits at context {ctx}")
     split = _rpc_split(inv, ledger, svc, meta)
     if split:
-        hints.append(f"split it across {' + '.join(split)} over llama.cpp RPC (rpc-server workers)")
+        hints.append(f"split it across {' + '.join(split)} over llama.cpp RPC: add an engine: rpc-server service "
+                     f"on {', '.join(split[1:])} and list it in rpc_workers of '{name}'")
     else:
         hints.append(f"no combination of nodes has {fmt_size(need)} free; a node with at least "
                      f"{fmt_size(need)} is needed")
@@ -430,6 +445,34 @@ def _misfit_finding(inv: Inventory, ledger: _Ledger, metas: dict[str, ModelMeta]
                    f"does not fit: needs {fmt_size(need)} (weights {fmt_size(meta.weights_bytes)}, "
                    f"KV {fmt_size(est.kv_total)} at {ctx} tokens)",
                    "; ".join(hints))
+
+
+def _experts_offload(inv: Inventory, ledger: _Ledger, name: str, svc: Service, meta: ModelMeta
+                     ) -> tuple[int, int] | None:
+    """The fewest more layers whose MoE experts, kept in the head's host memory (--n-cpu-moe),
+    make the service fit at its context: (layers, bytes then in host memory); None when the
+    model has no experts, its tensors are not known, it has no GPU to free, or no count fits."""
+    if not meta.is_moe or not meta.tensors or svc.engine != "llama-server":
+        return None
+    devices, plans = _llama_devices(ledger, inv, name, svc)
+    host = ledger.host(svc.node_names[0])
+    if not devices or host is None:
+        return None
+
+    def estimate(extra: int) -> LlamaEstimate:
+        svc_n = svc.model_copy(update={"n_cpu_moe": svc.n_cpu_moe + extra})
+        return estimate_llama(meta, llama_params(svc_n, meta), devices)
+
+    lo, hi = 1, meta.n_layer - svc.n_cpu_moe
+    if hi < 1 or not _fits_alone(estimate(hi), plans, host):
+        return None
+    while lo < hi:  # more experts in host memory only ever frees GPU memory
+        mid = (lo + hi) // 2
+        if _fits_alone(estimate(mid), plans, host):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo, estimate(lo).devices[HOST].total
 
 
 def _rpc_split(inv: Inventory, ledger: _Ledger, svc: Service, meta: ModelMeta) -> list[str] | None:
