@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clusterctl.baselines import read_baselines
 from clusterctl.engines import LaunchSpec, launch_specs
+from clusterctl.errors import NetworkError
 from clusterctl.inventory import Inventory
 from clusterctl.layout import http_url, local_host
 from clusterctl.secretref import read_secret
@@ -85,6 +87,8 @@ class BenchResult:
         if not single:
             return {}
         shortest = min(single, key=lambda p: p.prompt_tokens)
+        if shortest.gen_tps <= 0:  # nothing generated: no speed to compare with
+            return {}
         return {"tokens_per_second": round(shortest.gen_tps, 2), "ttft_seconds": round(shortest.ttft_p50, 4)}
 
 
@@ -92,7 +96,17 @@ def _key(inv: Inventory, service: str) -> str | None:
     return read_secret(inv.services[service].api_key) if service in inv.services else None
 
 
-def _load(t: Transport, url: str, body: dict[str, Any], n: int, key: str | None) -> tuple[list[Sample], int, float]:
+@dataclass
+class Load:
+    """One batch of `n` concurrent requests: the answers, how many failed and why, its wall time."""
+
+    samples: list[Sample]
+    errors: int
+    wall: float
+    reason: str = ""  # the first error curl printed, if any
+
+
+def _load(t: Transport, url: str, body: dict[str, Any], n: int, key: str | None) -> Load:
     # the request body in a folder of its own (mktemp -d: unpredictable name, mode 0700), never
     # at a name in /tmp that another user of the node could guess and take first
     made = t.run(["mktemp", "-d", "-t", "clusterctl-bench.XXXXXXXX"], timeout=30)
@@ -127,7 +141,9 @@ def _load(t: Transport, url: str, body: dict[str, Any], n: int, key: str | None)
                 completion_tokens=completion))
         except (ValueError, json.JSONDecodeError, AttributeError):
             errors += 1
-    return samples, errors, wall
+    errors += max(0, n - len(samples) - errors)  # a request that printed no line at all
+    reason = next((line.strip() for line in r.err.splitlines() if line.startswith("curl:")), r.err.strip()[:200])
+    return Load(samples, errors, wall, reason)
 
 
 def _point(service: str, c: int, tokens: int, samples: list[Sample], errors: int, wall: float) -> Point:
@@ -159,10 +175,12 @@ def bench(inv: Inventory, connect: Callable[[str], Transport], *, services: Sequ
                     samples: list[Sample] = []
                     errors, wall = 0, 0.0
                     for _ in range(rounds):
-                        got, bad, seconds = _load(t, target, body, c, key)
-                        samples += got
-                        errors += bad
-                        wall += seconds
+                        load = _load(t, target, body, c, key)
+                        if not load.samples:
+                            raise _unanswered(inv, spec.service, target, load, c)
+                        samples += load.samples
+                        errors += load.errors
+                        wall += load.wall
                     result.points.append(_point(spec.service, c, tokens, samples, errors, wall))
             version = t.run([spec.argv[0], "--version"], timeout=30)
             manifest = t.get("/opt/clusterctl/state/manifest.json") or b"{}"
@@ -180,6 +198,15 @@ def bench(inv: Inventory, connect: Callable[[str], Transport], *, services: Sequ
     return result
 
 
+def _unanswered(inv: Inventory, service: str, url: str, load: Load, n: int) -> NetworkError:
+    """No request of a batch was answered: the service is down or unreachable, and a run of
+    zeros must not become the baseline verify compares with."""
+    why = f": {load.reason}" if load.reason else ""
+    return NetworkError(f"{service}: no answer from {url} ({load.errors} of {n} requests failed{why})",
+                        f"is {service} running? `clusterctl status -i {inv.path}` shows it; nothing was stored "
+                        "as a baseline")
+
+
 def _router_overhead(inv: Inventory, t: Transport, spec: LaunchSpec, direct_url: str, key: str | None
                      ) -> dict[str, float]:
     r = inv.router
@@ -191,9 +218,9 @@ def _router_overhead(inv: Inventory, t: Transport, spec: LaunchSpec, direct_url:
     through: list[float] = []
     for _ in range(5):
         for url, sink, k in ((direct_url, direct, key), (via, through, read_secret(r.api_key))):
-            samples, _, _ = _load(t, url, body, 1, k)
-            if samples:
-                sink.append(samples[0].wall * 1000)
+            load = _load(t, url, body, 1, k)
+            if load.samples:
+                sink.append(load.samples[0].wall * 1000)
     if not direct or not through:
         return {}
     return {"direct_ms": round(statistics.median(direct), 2), "router_ms": round(statistics.median(through), 2),
@@ -203,10 +230,7 @@ def _router_overhead(inv: Inventory, t: Transport, spec: LaunchSpec, direct_url:
 def what_changed(path: Path, result: BenchResult) -> list[str]:
     """Differences between this run and the stored baselines: engine version, model files,
     node facts, and speed (so a slower run says why it might be slower)."""
-    try:
-        old = json.loads(path.read_text()).get("services", {})
-    except (OSError, json.JSONDecodeError):
-        return []
+    old = read_baselines(path)
     lines = []
     for service, facts in sorted(result.facts.items()):
         before = old.get(service)
@@ -229,11 +253,8 @@ def what_changed(path: Path, result: BenchResult) -> list[str]:
 
 
 def store_baselines(path: Path, result: BenchResult) -> None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        data = {}
-    services = data.setdefault("services", {})
+    services: dict[str, Any] = dict(read_baselines(path))
+    data = {"services": services}
     for service, facts in result.facts.items():
         entry = result.baseline(service)
         if entry:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from typer.core import TyperGroup
 
-from clusterctl.errors import ClusterctlError, ExitCode
+from clusterctl.baselines import baselines_path
+from clusterctl.errors import INTERRUPTED, ClusterctlError, ExitCode
 
 if TYPE_CHECKING:  # the commands import these when they run
     from clusterctl.inventory import Inventory
@@ -76,9 +77,17 @@ class _Commands(TyperGroup):
             raise
 
 
+def _exit_codes_help() -> str:
+    from clusterctl.errors import MEANINGS
+
+    listed = ", ".join(f"{int(c)} {m}" for c, m in MEANINGS.items())
+    return f"Exit codes: {listed}, {INTERRUPTED} interrupted (docs/commands.md)."
+
+
 app = typer.Typer(
     name="clusterctl",
     help="Plan, render and deploy self-hosted LLM clusters.",
+    epilog=_exit_codes_help(),
     cls=_Commands,
     no_args_is_help=True,
     add_completion=False,
@@ -87,6 +96,25 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"clusterctl {version('clusterctl')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            from clusterctl import __version__
+
+            typer.echo(f"clusterctl {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_version, help="print the version and exit")] = False) -> None:
+    """Plan, render and deploy self-hosted LLM clusters."""
 
 DEFAULT_INVENTORY = "beefcake2"
 
@@ -99,6 +127,10 @@ InventoryArg = Annotated[
 InventoryOpt = Annotated[Path | None, typer.Option(
     "--inventory", "-i", show_default=False,
     help="inventory YAML (required: commands that reach nodes have no default)")]
+# The offline commands take it either way: as INVENTORY, or with -i like the commands that reach nodes.
+InventoryAlsoOpt = Annotated[Path | None, typer.Option(
+    "--inventory", "-i", show_default=False,
+    help="inventory YAML, the same as INVENTORY (as the other commands take it)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output on stdout")]
 
 
@@ -124,8 +156,8 @@ def handled(func: F) -> F:
             hint = "run the command again to continue (deploy reconciles from the nodes' state)"
             ui.err.print(f"{message}; {hint}")
             if as_json:
-                ui.print_json(_error_document(130, message, hint))
-            raise typer.Exit(130) from None
+                ui.print_json(_error_document(INTERRUPTED, message, hint))
+            raise typer.Exit(INTERRUPTED) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:
@@ -154,8 +186,17 @@ def resolve_inventory_path(path: Path | None) -> Path:
 
 
 def _is_inventory_file(arg: str) -> bool:
-    path = Path(arg)
-    return path.suffix in (".yaml", ".yml") and path.is_file()
+    """An existing file (an inventory given where a name was expected)."""
+    return Path(arg).is_file()
+
+
+def _inventory_of(positional: Path | None, option: Path | None) -> Path | None:
+    """The inventory of an offline command, given as INVENTORY or with -i (not both, differently)."""
+    from clusterctl.errors import UsageError
+
+    if positional is not None and option is not None and positional != option:
+        raise UsageError(f"two inventories given: {positional} and -i {option}", "give one, after -i")
+    return option if option is not None else positional
 
 
 def _require_inventory(path: Path | None, command: str, args: Sequence[str] = (), usage: str = "") -> Path:
@@ -182,12 +223,51 @@ def _check_names(kind: str, given: Sequence[str], known: Mapping[str, object], i
     if not unknown:
         return
     hint = f"{kind}s in {inventory}: {', '.join(known)}"
-    pathlike = [u for u in unknown if u.endswith((".yaml", ".yml")) or "/" in u]
+    pathlike = [u for u in unknown if u.endswith((".yaml", ".yml")) or "/" in u or _is_inventory_file(u)]
     if pathlike:
-        what = "is an inventory file" if _is_inventory_file(pathlike[0]) else "looks like a file"
+        what = "is a file" if _is_inventory_file(pathlike[0]) else "looks like a file"
+        if pathlike[0].endswith((".yaml", ".yml")) and what == "is a file":
+            what = "is an inventory file"
         hint = f"'{pathlike[0]}' {what}: an inventory goes after -i, not as a {kind}; {hint}"
     noun = kind if len(unknown) == 1 else f"{kind}s"
     raise UsageError(f"unknown {noun} " + ", ".join(f"'{u}'" for u in unknown), hint)
+
+
+def _finite(option: str, value: float, *, low: float, low_ok: bool, high: float | None = None,
+            what: str, hint: str) -> float:
+    """`value` when it is finite and within [low (or above it), high); else a UsageError."""
+    import math
+
+    from clusterctl.errors import UsageError
+
+    above = value >= low if low_ok else value > low
+    if not (math.isfinite(value) and above and (high is None or value < high)):
+        raise UsageError(f"{option} {value}: must be {what}", hint)
+    return value
+
+
+def _seconds(option: str, value: float, *, zero: bool, example: str) -> float:
+    """A number of seconds given on the command line: finite, > 0 (>= 0 with `zero`)."""
+    return _finite(option, value, low=0.0, low_ok=zero, what=f"a finite number of seconds {'>=' if zero else '>'} 0",
+                   hint=f"e.g. {option} {example}")
+
+
+BENCH_LIMITS = {"--concurrency": 1024, "--prompt-tokens": 1 << 20}
+
+
+def _counts(option: str, text: str) -> list[int]:
+    """A comma-separated list of whole numbers from 1 to the option's limit (BENCH_LIMITS)."""
+    from clusterctl.errors import UsageError
+
+    most = BENCH_LIMITS[option]
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(1 <= v <= most for v in values):
+        raise UsageError(f"{option} {text}: each value must be a whole number from 1 to {most}",
+                         "comma-separated, e.g. --concurrency 1,4 --prompt-tokens 16,512")
+    return values
 
 
 def _load(path: Path | None) -> Inventory:
@@ -249,9 +329,9 @@ def _deploy_lock(inventory_path: Path) -> Iterator[dict[str, object]]:
 
 @app.command()
 @handled
-def validate(inventory: InventoryArg = None, json: JsonOpt = False) -> None:
+def validate(inventory: InventoryArg = None, json: JsonOpt = False, inventory_opt: InventoryAlsoOpt = None) -> None:
     """Check the inventory only: schema, names, references, ports. No network, no SSH."""
-    inv = _load(inventory)
+    inv = _load(_inventory_of(inventory, inventory_opt))
     from clusterctl import ui
 
     if json:
@@ -267,11 +347,12 @@ def plan(
     inventory: InventoryArg = None,
     json: JsonOpt = False,
     strict: Annotated[bool, typer.Option(help="also fail when a device is above its safe zone")] = False,
+    inventory_opt: InventoryAlsoOpt = None,
 ) -> None:
     """Offline memory fit per device, placement, and what a deploy would do."""
     from clusterctl import ui
 
-    loaded = _load_planned(inventory, require=True)
+    loaded = _load_planned(_inventory_of(inventory, inventory_opt), require=True)
     p = loaded.plan
     assert p is not None
     if json:
@@ -290,23 +371,28 @@ def render(
     inventory: InventoryArg = None,
     node: Annotated[list[str] | None, typer.Option("--node", "-n", help="only these nodes (repeatable)")] = None,
     out: Annotated[Path, typer.Option(help="write the tree here: OUT/NODE/<absolute path>")] = Path("rendered"),
-    diff: Annotated[bool, typer.Option(help="show what differs from the tree in --out; write nothing")] = False,
+    diff: Annotated[bool, typer.Option(help="show what differs from the tree in --out; write nothing "
+                                            "(exit 10 when something differs)")] = False,
     json: JsonOpt = False,
+    inventory_opt: InventoryAlsoOpt = None,
 ) -> None:
     """Systemd units, launchd plists, launch scripts, router and monitoring config per node."""
     from clusterctl import ui
     from clusterctl.render import render as do_render
-    from clusterctl.tree import diff_tree, write_tree
+    from clusterctl.tree import check_tree, diff_tree, write_tree
 
-    loaded = _load_planned(inventory)
+    loaded = _load_planned(_inventory_of(inventory, inventory_opt))
+    assert loaded.inv.path is not None
+    _check_names("node", node or [], loaded.inv.nodes, loaded.inv.path)
     result = do_render(loaded.inv, loaded.plan, nodes=node or None)
+    check_tree(result.files, out, write=not diff)
     if diff:
         changes = diff_tree(result.files, out)
         if json:
             ui.print_json({"changes": [c.to_json() for c in changes]})
         else:
             ui.tree_diff(changes)
-        raise typer.Exit(1 if changes else 0)
+        raise typer.Exit(int(ExitCode.DIFFERS) if changes else 0)
     write_tree(result.files, out)
     if not json:
         ui.rendered(result, out)
@@ -356,6 +442,9 @@ def deploy(
     inv = _load(_require_inventory(inventory, "deploy", nodes or []))
     assert inv.path is not None
     _check_names("node", nodes or [], inv.nodes, inv.path)
+    if max_fail < 0:
+        raise UsageError(f"--max-fail {max_fail}: must be a whole number >= 0",
+                         "the number of failed nodes tolerated, e.g. --max-fail 1")
     phases = tuple(p for p in PHASES if not phase or p in phase)
     bad = [p for p in phase or [] if p not in PHASES]
     if bad:
@@ -382,7 +471,7 @@ def deploy(
         from clusterctl.verify import verify as do_verify
 
         checked = do_verify(inv, opener, nodes=nodes or None, plan=plan_,
-                            baselines=load_baselines(baselines_path(loaded.path)))
+                            baselines=load_baselines(baselines_path(loaded.path), loaded.path))
     if json:
         ui.print_json(result.to_json() | ({"verify": checked.to_json()} if checked else {})
                       | ({"stale_lock": stale} if stale else {}))
@@ -403,6 +492,7 @@ def trust(
     inventory: InventoryOpt = None,
     yes: Annotated[bool, typer.Option("--yes", help="record the key without asking")] = False,
     replace: Annotated[bool, typer.Option(help="replace a different recorded key for this host")] = False,
+    json: JsonOpt = False,
 ) -> None:
     """Record a node's SSH host key in known_hosts after you confirm its fingerprint."""
     import os
@@ -417,13 +507,12 @@ def trust(
     ssh = inv.cluster.ssh
     port = n.port or ssh.port
     known = os.path.expanduser(ssh.known_hosts)
-    message = do_trust(node, n.address, port, known, confirm=lambda text: yes or typer.confirm(text),
+    message = do_trust(node, n.address, port, known, confirm=lambda text: yes or typer.confirm(text, err=json),
                        replace=replace)
-    ui.info(message)
-
-
-def baselines_path(inventory_path: Path) -> Path:
-    return inventory_path.with_name(f".{inventory_path.stem}.baselines.json")
+    if json:
+        ui.print_json({"node": node, "address": n.address, "port": port, "known_hosts": known, "message": message})
+    else:
+        ui.info(message)
 
 
 @app.command()
@@ -445,9 +534,13 @@ def verify(
     inv = _load(_require_inventory(inventory, "verify", nodes or []))
     assert inv.path is not None
     _check_names("node", nodes or [], inv.nodes, inv.path)
+    _seconds("--wait", wait, zero=True, example="30")
+    _finite("--tolerance", tolerance, low=0.0, low_ok=True, high=1.0, what="a fraction from 0 to below 1",
+            hint="e.g. --tolerance 0.3 (30% below the baseline)")
     loaded = _planned(inv)
+    baselines = load_baselines(baselines_path(loaded.path), loaded.path)
     result = do_verify(loaded.inv, _opener(loaded.inv), nodes=nodes or None, plan=loaded.plan,
-                       baselines=load_baselines(baselines_path(loaded.path)), wait=wait, tolerance=tolerance)
+                       baselines=baselines, wait=wait, tolerance=tolerance)
     if junit is not None:
         junit.write_text(result.junit())
     if json:
@@ -474,19 +567,17 @@ def bench_cmd(
     from clusterctl import ui
     from clusterctl.bench import bench as do_bench
     from clusterctl.bench import chart, markdown, store_baselines, what_changed
-    from clusterctl.errors import UsageError
+    from clusterctl.verify import load_baselines
 
     inv = _load(_require_inventory(inventory, "bench", services or []))
     assert inv.path is not None
     _check_names("service", services or [], inv.services, inv.path)
-    try:
-        levels = [int(x) for x in concurrency.split(",")]
-        lengths = [int(x) for x in prompt_tokens.split(",")]
-    except ValueError:
-        raise UsageError("--concurrency and --prompt-tokens take comma-separated numbers") from None
+    levels = _counts("--concurrency", concurrency)
+    lengths = _counts("--prompt-tokens", prompt_tokens)
+    baselines = baselines_path(inv.path)
+    load_baselines(baselines, inv.path)  # a damaged file stops the run before anything is measured
     result = do_bench(inv, _opener(inv), services=services or None,
                       concurrency=levels, prompt_tokens=lengths, max_tokens=max_tokens)
-    baselines = baselines_path(inv.path)
     changed = what_changed(baselines, result)
     if save:
         store_baselines(baselines, result)
@@ -515,6 +606,7 @@ def status(
     from clusterctl.status import snapshot
 
     loaded = _load_planned(_require_inventory(inventory, "status"))
+    _seconds("--interval", interval, zero=False, example="5")
     opener = _opener(loaded.inv)
 
     def take() -> Any:
@@ -673,6 +765,7 @@ def resolve(
     inventory: InventoryArg = None,
     refresh: Annotated[bool, typer.Option(help="read every model again, even when locked")] = False,
     json: JsonOpt = False,
+    inventory_opt: InventoryAlsoOpt = None,
 ) -> None:
     """Read every model's metadata (header range reads, no weights) and pin it in the lock file."""
     from clusterctl import ui
@@ -681,7 +774,7 @@ def resolve(
     from clusterctl.models.pins import hub_pins
     from clusterctl.secretref import read_secret
 
-    inv = _load(inventory)
+    inv = _load(_inventory_of(inventory, inventory_opt))
     assert inv.path is not None
     path = lock_path(inv.path)
     old = read_lock(path)

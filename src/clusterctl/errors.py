@@ -18,6 +18,24 @@ class ExitCode(IntEnum):
     LOCKED = 7  # another deploy holds the cluster lock
     DEPLOY_FAILED = 8  # a node's rollout failed (and was rolled back where possible)
     VERIFY_FAILED = 9  # a verify check failed
+    DIFFERS = 10  # render --diff: the rendered files differ from the tree in --out (not an error)
+
+
+# What each code means, in a few words (`clusterctl --help`; docs/commands.md has the table).
+MEANINGS = {
+    ExitCode.OK: "ok",
+    ExitCode.FAILURE: "a bug",
+    ExitCode.USAGE: "bad command line",
+    ExitCode.INVALID_INVENTORY: "invalid or unreadable inventory, lock or baselines file",
+    ExitCode.DOES_NOT_FIT: "does not fit",
+    ExitCode.METADATA: "model metadata missing or unreadable",
+    ExitCode.NETWORK: "unreachable",
+    ExitCode.LOCKED: "another deploy holds the lock",
+    ExitCode.DEPLOY_FAILED: "a node's rollout failed",
+    ExitCode.VERIFY_FAILED: "a verify check failed",
+    ExitCode.DIFFERS: "render --diff found differences",
+}
+INTERRUPTED = 130  # Ctrl-C
 
 
 # Several nodes failing in different ways exit with the first code here that occurred. A bug
@@ -27,7 +45,7 @@ class ExitCode(IntEnum):
 # cluster lock; then a node whose rollout itself failed; then verify.
 SEVERITY = (ExitCode.FAILURE, ExitCode.USAGE, ExitCode.INVALID_INVENTORY, ExitCode.METADATA,
             ExitCode.DOES_NOT_FIT, ExitCode.NETWORK, ExitCode.LOCKED, ExitCode.DEPLOY_FAILED,
-            ExitCode.VERIFY_FAILED)
+            ExitCode.VERIFY_FAILED, ExitCode.DIFFERS)
 
 
 def most_severe(codes: Iterable[ExitCode]) -> ExitCode:

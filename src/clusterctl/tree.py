@@ -9,11 +9,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clusterctl.errors import UsageError
 from clusterctl.render import RenderedFile
+
+_NOT_A_FOLDER_HINT = "name a folder to write the rendered tree into (it is created when missing), e.g. --out rendered"
 
 
 def local_path(root: Path, f: RenderedFile) -> Path:
     return root / f.node / f.path.lstrip("/")
+
+
+def check_tree(files: list[RenderedFile], root: Path, *, write: bool) -> None:
+    """Refuse, before anything is written, a tree that cannot be written: `root` (or a folder on
+    the way to one of its files) is a file, a device or /dev/null, or (`write`) the folder that
+    would hold it is not writable. A UsageError naming --out."""
+    paths = [root] + [local_path(root, f) for f in files]
+    for path in paths:
+        for part in (*reversed(path.parents), path):
+            if part in (Path("."), Path("/")) or not (part.exists() or part.is_symlink()):
+                continue
+            if part.is_dir():
+                continue
+            if part == path and path != root and part.is_file():  # a file the tree replaces
+                break
+            raise UsageError(f"--out {root}: {part} is not a folder", _NOT_A_FOLDER_HINT)
+    if not write:
+        return
+    folder = next(p for p in (root, *root.parents) if p.exists())
+    try:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(folder))
+        fd, probe = tempfile.mkstemp(prefix=".clusterctl-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"--out {root}: cannot write in {folder}: {(exc.strerror or str(exc)).lower()}",
+                         "name a folder you can write to, e.g. --out rendered") from None
 
 
 def _atomic_write(path: Path, text: str, mode: int) -> None:
@@ -41,7 +72,11 @@ def write_tree(files: list[RenderedFile], root: Path) -> int:
         except OSError:
             same = False
         if not same:
-            _atomic_write(path, f.content, f.mode)
+            try:
+                _atomic_write(path, f.content, f.mode)
+            except OSError as exc:  # e.g. the disk filled up: the files written so far are whole
+                raise UsageError(f"--out {root}: cannot write {path}: {(exc.strerror or str(exc)).lower()}",
+                                 f"{written} file(s) were written, each whole; free space and render again") from None
             written += 1
     return written
 
@@ -66,7 +101,12 @@ def diff_tree(files: list[RenderedFile], root: Path) -> list[Change]:
         if not path.exists():
             changes.append(Change(f.node, f.path, "new", "", f.restarts))
             continue
-        old = path.read_text(encoding="utf-8")
+        try:
+            old = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:  # a folder or unreadable where the file would be
+            changes.append(Change(f.node, f.path, "changed", f"cannot read {path}: {exc.strerror or exc}",
+                                  f.restarts))
+            continue
         if old != f.content:
             text = "".join(difflib.unified_diff(old.splitlines(keepends=True), f.content.splitlines(keepends=True),
                                                 f"a{f.path}", f"b{f.path}"))

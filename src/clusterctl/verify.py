@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from clusterctl import sanity
+from clusterctl.baselines import read_baselines
 from clusterctl.deploy import ops
 from clusterctl.deploy.facts import parse_lsof
 from clusterctl.deploy.managers import manager
@@ -77,12 +78,9 @@ def _key(inv: Inventory, service: str) -> str | None:
     return read_secret(svc.api_key) if svc is not None else None
 
 
-def load_baselines(path: Path) -> dict[str, dict[str, float]]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return {k: v for k, v in data.get("services", {}).items() if isinstance(v, dict)}
+def load_baselines(path: Path, inventory: Path | None = None) -> dict[str, dict[str, float]]:
+    """The stored baselines ({} before the first bench); an InventoryError naming a damaged file."""
+    return read_baselines(path, inventory)
 
 
 def check_service(inv: Inventory, t: Transport, spec: LaunchSpec, baselines: dict[str, dict[str, float]],

@@ -9,6 +9,7 @@ keys override merged ones, and of several merged mappings the earlier wins.
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,10 @@ def read_text_file(path: Path, what: str, hint: str, limit: int = MAX_DOCUMENT_B
     """The UTF-8 text of a file the user named, or an InventoryError naming it: missing, a
     directory, unreadable, larger than `limit`, not UTF-8 (with the line of the first bad byte)."""
     try:
+        kind = path.stat().st_mode
+        if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):  # a pipe or a tty would wait
+            what_it_is = "a named pipe" if stat.S_ISFIFO(kind) else "a socket" if stat.S_ISSOCK(kind) else "a device"
+            raise InventoryError(f"{what} is not a regular file ({what_it_is})", hint=hint, file=str(path))
         with path.open("rb") as fh:
             data = fh.read(limit + 1)
     except FileNotFoundError:

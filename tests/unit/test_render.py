@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from clusterctl import render as render_mod
 from clusterctl.cli import app
 from clusterctl.engines import launch_specs
+from clusterctl.errors import ExitCode
 from clusterctl.inventory import load_inventory
 from clusterctl.lockfile import lock_path, metas_for, read_lock
 from clusterctl.planner import make_plan
@@ -237,7 +238,7 @@ def test_cli_render_json_and_diff(tmp_path: Path) -> None:
     (out / "bestbox/opt/clusterctl/bin/light.sh").write_text("#!/usr/bin/env bash\nexit 0\n")
     changed = runner.invoke(app, ["render", str(ROOT / "inventories/bestbox.yaml"), "--out", str(out),
                                   "--diff", "--json"])
-    assert changed.exit_code == 1
+    assert changed.exit_code == ExitCode.DIFFERS == 10
     [change] = json.loads(changed.stdout)["changes"]
     assert (change["path"], change["kind"], change["restarts"]) == ("/opt/clusterctl/bin/light.sh", "changed",
                                                                    ["light"])

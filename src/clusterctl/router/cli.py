@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 from pathlib import Path
 
 import typer
@@ -18,10 +19,15 @@ def _fail(exc: Exception | str, code: int, hint: str | None = None) -> typer.Exi
     return typer.Exit(code)
 
 
+def _print_json(doc: dict[str, object]) -> None:
+    typer.echo(json.dumps(doc, indent=2))
+
+
 @router_app.command("check")
 def check(
     routes: str = typer.Option(..., "--routes", help="the rendered route table (JSON)"),
     files: bool = typer.Option(True, "--files/--no-files", help="also check that the key files exist"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output on stdout"),
 ) -> None:
     """Validate a route table without serving it (exit 3 when it does not hold together)."""
     from clusterctl.router.validate import RouteTableError, load_checked
@@ -29,7 +35,13 @@ def check(
     try:
         table = load_checked(Path(routes), check_files=files)
     except RouteTableError as exc:
+        if as_json:
+            _print_json(exc.to_json())
         raise _fail(exc, int(exc.exit_code), exc.hint) from None
+    if as_json:
+        _print_json({"ok": True, "routes_file": routes, "backends": len(table.backends), "routes": len(table.routes),
+                     "rules": len(table.rules), "classifier": table.classifier is not None})
+        return
     typer.echo(f"{routes}: ok ({len(table.backends)} backends, {len(table.routes)} routes, "
                f"{len(table.rules)} rules{', classifier' if table.classifier else ''})")
 
