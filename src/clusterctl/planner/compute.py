@@ -190,15 +190,15 @@ def _split_copies(nodes: list[_T], n_copies: int) -> tuple[list[_T], list[_T]]:
     while i < len(nodes):
         dev = nodes[i].dev
         j = i
-        inputs = 0  # tensors this split copies in from other devices
+        n_inputs = 0  # tensors this split copies in from other devices
         while j < len(nodes) and nodes[j].dev == dev:
             # ggml_backend_sched_split_graph starts a new split at a node whose weight lives on
             # another device once the split has inputs, "so that the memory of the previously
             # offloaded weights can be reused": op offload holds one weight copy at a time
             srcs = [src for src in nodes[j].srcs if src.dev != dev and src.size]
-            if inputs and any(src.external for src in srcs):
+            if n_inputs and any(src.external for src in srcs):
                 break
-            inputs += len(srcs)
+            n_inputs += len(srcs)
             j += 1
         split = nodes[i:j]
         head: list[_T] = []
