@@ -25,6 +25,7 @@ from huggingface_hub import hf_hub_url
 
 from clusterctl import __version__ as _version
 from clusterctl.errors import MetadataError, NetworkError
+from clusterctl.layout import host_port
 from clusterctl.models import gguf_reader
 from clusterctl.models.meta import ModelMeta
 
@@ -166,8 +167,11 @@ def _redact(url: str) -> str:
     """The URL without query string or credentials, for messages."""
     parts = urlsplit(url)
     host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = host_port(host, port) if port else (f"[{host}]" if ":" in host else host)
     return f"{parts.scheme}://{host}{parts.path}"
 
 

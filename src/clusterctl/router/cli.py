@@ -84,4 +84,5 @@ BIND_HINTS = {
 
 
 def _listen_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    # as clusterctl.layout.host_port, which the router's wheel (router/, errors.py) does not carry
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"

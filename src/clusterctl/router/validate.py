@@ -5,7 +5,9 @@ Import-light: pydantic (through config.py) and the standard library only.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,6 +28,23 @@ class RouteTableError(ClusterctlError):
     exit_code = ExitCode.INVALID_INVENTORY
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
+
+
+def _listen_problems(host: str) -> list[str]:
+    """listen_host must be an IP address (IPv6 without brackets: the socket takes it bare) or a host name."""
+    try:
+        ipaddress.ip_address(host)
+        return []
+    except ValueError:
+        pass
+    if _HOST_NAME.fullmatch(host) and len(host) <= 253:
+        return []
+    if host.startswith("[") and host.endswith("]"):
+        return [f"listen_host: {host!r}: write an IPv6 address without brackets ({host[1:-1]!r})"]
+    return [f"listen_host: {host!r} is neither an IP address nor a host name (no port: that is listen_port)"]
+
+
 def problems(table: RouteTable, *, check_files: bool = True) -> list[str]:
     """Every inconsistency of `table`, one sentence each; empty when it holds together."""
     out: list[str] = []
@@ -33,8 +52,15 @@ def problems(table: RouteTable, *, check_files: bool = True) -> list[str]:
     routes = table.routes
     if not backends:
         out.append("no backends are defined")
+    out.extend(_listen_problems(table.listen_host))
     for name, backend in sorted(backends.items()):
-        parts = urlsplit(backend.url)
+        try:
+            parts = urlsplit(backend.url)
+            parts.port  # noqa: B018 (a port that is not a number raises here)
+        except ValueError as exc:  # '[::1' or an IPv6 literal without brackets ('http://::1:8080')
+            out.append(f"backends.{name}.url: {backend.url!r} is not a URL ({exc}); an IPv6 address goes in "
+                       "brackets: http://[::1]:8080")
+            continue
         if parts.scheme not in ("http", "https") or not parts.hostname:
             out.append(f"backends.{name}.url: {backend.url!r} is not an http(s) URL with a host")
         if parts.query or parts.fragment:

@@ -41,6 +41,7 @@ from paramiko.sftp import (
 )
 from paramiko.ssh_exception import NoValidConnectionsError
 
+from clusterctl.layout import host_port
 from clusterctl.transport import (
     CommandResult,
     CommandTimeout,
@@ -106,7 +107,7 @@ def scan_host_key(address: str, port: int = 22, timeout: float = 10.0,
     one); `prefer` (known_hosts key types) asks for those first, as a connection does when
     known_hosts already holds a key of that type.
     """
-    where = f"{address}:{port}"
+    where = host_port(address, port)
     try:
         sock = socket.create_connection((address, port), timeout=timeout)
     except OSError as exc:
@@ -324,7 +325,7 @@ class SSHTransport:
 
     @property
     def where(self) -> str:
-        return f"{self.user}@{self.address}:{self.port}"
+        return f"{self.user}@{host_port(self.address, self.port)}"
 
     def __repr__(self) -> str:
         return f"SSHTransport({self.host!r}, {self.where!r})"
