@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import signal
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +53,8 @@ def time_limit(seconds: int) -> Iterator[None]:
 
 
 def only_typed_errors(call: Callable[[], object]) -> None:
-    with time_limit(SECONDS_PER_INPUT):
-        try:
-            call()
-        except ClusterctlError:
-            pass
+    with time_limit(SECONDS_PER_INPUT), suppress(ClusterctlError):
+        call()
 
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
@@ -67,8 +64,9 @@ scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), ma
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                        st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                       max_leaves=12)
-YAML_PIECES = ["a: &x [1, 2]\n", "b: *x\n", "<<: *x\n", "- - -\n", "{", "}", "[", "]", ": ", "? ", "!!python/object:os.system\n",
-               "!!binary AAAA\n", "%YAML 1.1\n", "---\n", "...\n", "'", '"', "\t", "  ", "\n", "#", "|", ">", "&", "*",
+YAML_PIECES = ["a: &x [1, 2]\n", "b: *x\n", "<<: *x\n", "- - -\n", "{", "}", "[", "]", ": ", "? ",
+               "!!python/object:os.system\n", "!!binary AAAA\n", "%YAML 1.1\n", "---\n", "...\n", "'", '"', "\t",
+               "  ", "\n", "#", "|", ">", "&", "*",
                "\x85", "\ufeff", "\x00", "\x1b", "é", "\U0001f600"]
 
 
