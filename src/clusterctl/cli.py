@@ -773,6 +773,7 @@ def resolve(
     from clusterctl.models.fetch import read_meta
     from clusterctl.models.pins import hub_pins
     from clusterctl.secretref import read_secret
+    from clusterctl.units import fmt_size
 
     inv = _load(_inventory_of(inventory, inventory_opt))
     assert inv.path is not None
@@ -799,7 +800,7 @@ def resolve(
         report.append({"model": name, "action": "read", "revision": meta.revision,
                        "bytes_read": meta.header_bytes_read})
         if not json:
-            ui.info(f"{name}: {meta.architecture} {meta.file_type or ''} {meta.file_bytes / 1e9:.2f} GB, "
+            ui.info(f"{name}: {meta.architecture} {meta.file_type or ''} {fmt_size(meta.file_bytes)}, "
                     f"revision {meta.revision or '-'}, {meta.header_bytes_read:,} bytes read")
     write_lock(path, LockFile(models=models))
     if json:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
 from clusterctl.units import GIB, MIB, fmt_duration, fmt_size
 
@@ -25,7 +28,9 @@ if TYPE_CHECKING:
     from clusterctl.tree import Change
     from clusterctl.verify import VerifyResult
 
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+# A terminal's width, or COLUMNS when set (rich reads it); 160 columns into a pipe or file.
+out = Console(highlight=False, soft_wrap=True,
+              width=None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 _VERDICT_STYLE = {"fits": "green", "tight": "yellow", "does-not-fit": "bold red"}
@@ -82,21 +87,24 @@ def _bar(used: int, capacity: int, safe: float, width: int = 24) -> str:
 def plan(p: Plan, inv: Inventory, lock_note: str) -> None:
     from clusterctl.planner.plan import node_summary
 
+    def say(*text: Any) -> None:  # wrapped at the console's width, hints and long lines included
+        out.print(*text, soft_wrap=False)
+
     router = f", router on {inv.router.node}" if inv.router else ""
-    out.print(f"[bold]{escape(p.cluster)}[/]: {len(inv.nodes)} nodes, {len(inv.models)} models, "
+    say(f"[bold]{escape(p.cluster)}[/]: {len(inv.nodes)} nodes, {len(inv.models)} models, "
               f"{len(inv.services)} services{router}    [dim]({escape(lock_note)})[/]")
     for node_name, node in inv.nodes.items():
         devs = [d for d in p.devices if d.node == node_name]
-        out.print()
+        say()
         sz = inv.effective_safe_zone(node)
-        out.print(f"[bold]{escape(node_name)}[/]  {escape(node_summary(node))}  "
+        say(f"[bold]{escape(node_name)}[/]  {escape(node_summary(node))}  "
                   f"[dim]{escape(node.address)}  safe zone {sz:.0%}[/]")
         for d in devs:
             if not d.usages and d.id == "ram":
                 continue
             style = _VERDICT_STYLE[d.verdict]
             verdict = _VERDICT_TEXT[d.verdict] if d.usages else "idle"
-            out.print(f"  {d.id:<8}{escape(_bar(d.used, d.capacity, d.safe_zone))}  "
+            say(f"  {d.id:<8}{escape(_bar(d.used, d.capacity, d.safe_zone))}  "
                       f"{d.used / GIB:6.1f} / {d.capacity / GIB:.1f} GiB  {d.utilization:4.0%}  "
                       f"[{style}]{verdict}[/]")
             for u in d.usages:
@@ -104,45 +112,52 @@ def plan(p: Plan, inv: Inventory, lock_note: str) -> None:
                 label = escape(u.model or "")
                 quant = (model.quant if model and model.quant else None) or u.quant or ""
                 note = f"  ({escape(u.note)})" if u.note else ""
-                out.print(f"          {escape(u.service):<16} {label} {escape(quant)}  "
+                say(f"          {escape(u.service):<16} {label} {escape(quant)}  "
                           f"weights {u.weights / GIB:.1f}  kv {u.kv / GIB:.1f}  "
                           f"compute {u.compute / GIB:.1f}{note}")
             if d.reserve:
-                out.print(f"          [dim]reserve {d.reserve / GIB:.1f}[/]")
-    out.print()
-    out.print("[bold]services[/]")
+                say(f"          [dim]reserve {d.reserve / GIB:.1f}[/]")
+    say()
+    say("[bold]services[/]")
     t = Table(box=None, pad_edge=False, show_header=True, header_style="dim")
-    for col in ("service", "engine", "node", "model", "port", "context", "total", "verdict"):
-        t.add_column(col)
+    # below 100 columns the engine goes (the rollout names it), so that no name is cut
+    narrow = out.width < 100
+    cols = [c for c in ("service", "engine", "node", "model", "port", "context", "total", "verdict")
+            if not (narrow and c == "engine")]
+    for col in cols:
+        # names are never cut: the narrow columns wrap (a verdict, a context with its max) instead
+        t.add_column(col, no_wrap=col in ("service", "engine", "node", "model", "port", "total"),
+                     overflow="fold", justify="right" if col in ("port", "total") else "left")
     for s in p.services:
         ctx = str(s.context) if s.context else "-"
         if s.max_context:
             ctx += f" (max {s.max_context})"
-        t.add_row(s.name, s.engine, ",".join(s.nodes), s.model or "-", str(s.port), ctx,
-                  fmt_size(s.total) if s.total else "-",
-                  f"[{_VERDICT_STYLE[s.verdict]}]{_VERDICT_TEXT[s.verdict]}[/]")
-    out.print(t)
-    out.print()
-    out.print(f"[bold]rollout[/] (what deploy would do; downloads at {escape(p.link_speed)})")
+        row = [s.name, s.engine, ",".join(s.nodes), s.model or "-", str(s.port), ctx,
+               fmt_size(s.total) if s.total else "-", f"[{_VERDICT_STYLE[s.verdict]}]{_VERDICT_TEXT[s.verdict]}[/]"]
+        t.add_row(*(row[:1] + row[2:] if narrow else row))
+    say(t)
+    say()
+    say(f"[bold]rollout[/] (what deploy would do; downloads at {escape(p.link_speed)})")
     for st in p.steps:
         extra = ""
         if st.bytes:
-            extra = f"  {st.bytes / 1e9:.1f} GB  ~{fmt_duration(st.seconds)}"
-        out.print(f"  {st.phase:<9} {escape(st.node):<8} {st.action} {escape(st.detail)}{extra}")
+            extra = f"  {fmt_size(st.bytes)}  ~{fmt_duration(st.seconds)}"
+        say(f"  {st.phase:<9} {escape(st.node):<8} {st.action} {escape(st.detail)}{extra}")
     if p.findings:
-        out.print()
+        say()
     for f in p.findings:
         style = {"error": "bold red", "warning": "yellow", "info": "cyan"}[f.severity]
-        out.print(f"[{style}]{f.severity}:[/] {escape(f.subject)}: {escape(f.message)}")
+        say(f"[{style}]{f.severity}:[/] {escape(f.subject)}: {escape(f.message)}")
         if f.hint:
-            out.print(f"  [cyan]hint:[/] {escape(f.hint)}")
-    out.print()
+            hint = Text.from_markup(f"[cyan]hint:[/] {escape(f.hint)}")
+            out.print(Padding(hint, (0, 0, 0, 2), expand=False), soft_wrap=False)  # wrapped lines stay indented
+    say()
     errors = sum(1 for f in p.findings if f.severity == "error")
     warnings = sum(1 for f in p.findings if f.severity == "warning")
     if errors:
-        out.print(f"[bold red]{errors} error(s)[/], {warnings} warning(s)")
+        say(f"[bold red]{errors} error(s)[/], {warnings} warning(s)")
     else:
-        out.print(f"[green]plan ok[/], {warnings} warning(s)")
+        say(f"[green]plan ok[/], {warnings} warning(s)")
 
 
 def meta(m: ModelMeta) -> None:

@@ -347,3 +347,47 @@ def test_router_check_takes_json(tmp_path: Path) -> None:
     missing = runner.invoke(app, ["router", "check", "--routes", str(tmp_path / "none.json"), "--json"])
     assert missing.exit_code == ExitCode.INVALID_INVENTORY
     assert json.loads(missing.stdout)["error"]["code"] == 3
+
+
+# -- 7. 80 columns, one unit style ------------------------------------------------------------
+
+
+def plan_text(columns: int) -> str:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")} | {"COLUMNS": str(columns)}
+    run = subprocess.run([sys.executable, "-m", "clusterctl.cli", "plan", "inventories/beefcake2.yaml"],
+                         cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == ExitCode.DOES_NOT_FIT, run.stderr
+    return run.stdout
+
+
+def test_plan_at_80_columns_wraps_hints_and_cuts_no_model_name() -> None:
+    text = plan_text(80)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    table = lines[lines.index("services") + 1:lines.index("services") + 5]
+    assert table[0].split() == ["service", "node", "model", "port", "context", "total", "verdict"]
+    assert [row.split()[:3] for row in table[1:]] == [["deepseek", "node3", "deepseek-coder"],
+                                                      ["llama-head", "node1", "or1-behemoth"],
+                                                      ["strand", "node2", "strand-rust-coder"]]
+    hint = next(i for i, line in enumerate(lines) if line.startswith("  hint: model 'deepseek-coder-iq1s'"))
+    assert lines[hint + 1].startswith("  (its experts")  # wrapped, and indented under the hint
+    wide = plan_text(200).splitlines()
+    assert "engine" in wide[wide.index("services") + 1].split()
+
+
+def test_plan_rollout_sizes_are_binary() -> None:
+    text = plan_text(200)
+    assert "download OR1-Behemoth-73B.Q8_0.gguf  72.3 GiB  ~10 min" in text
+    rollout = text[text.index("rollout"):text.index("error:")]
+    assert " GB " not in rollout and " GB\n" not in rollout
+
+
+@pytest.mark.xfail(strict=True, reason="the planner's size finding (planner/plan.py) still writes decimal GB: "
+                   "'the inventory says 7.0 GB but the files are 15.7 GB'")
+def test_plan_text_has_no_decimal_units() -> None:
+    import re
+
+    assert not re.search(r"\d GB\b", plan_text(200))
