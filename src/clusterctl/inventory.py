@@ -558,7 +558,8 @@ class Service(Strict):
     cpu_moe: bool = Field(False, description="llama.cpp --cpu-moe: every MoE expert tensor in host memory")
     n_cpu_moe: int = Field(0, ge=0, le=4096, description="llama.cpp --n-cpu-moe N: the experts of layers 0..N-1 "
                            "in host memory")
-    mmap: bool = Field(True, description="llama.cpp memory-maps the weights (false: --no-mmap, read into memory)")
+    mmap: bool = Field(True, description="llama.cpp memory-maps the weights (false: --load-mode none, read into "
+                       "memory)")
     devices: list[int] = Field(default_factory=list, description="GPU indexes of the node this service uses")
     rpc_workers: list[Name] = Field(default_factory=list, description="rpc-server services this head uses")
     tensor_parallel: int = Field(1, ge=1, le=64)

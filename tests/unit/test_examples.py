@@ -63,8 +63,8 @@ DEVICES: dict[str, dict[str, tuple[str, float, int]]] = {
     },
     "arthur-rdma": {"alpha/unified": ("fits", 238.2, 47), "beta/unified": ("fits", 119.6, 47)},
     "arthur-rdma-8bit": {"alpha/unified": ("tight", 445.6, 87), "beta/unified": ("tight", 223.3, 87)},
-    "strix-halo": {"speed/unified": ("fits", 66.0, 55), "reasoning/unified": ("does-not-fit", 159.8, 133)},
-    "bestbox": {"bestbox/unified": ("fits", 15.4, 16)},
+    "strix-halo": {"speed/unified": ("fits", 66.0, 55), "reasoning/unified": ("does-not-fit", 159.9, 133)},
+    "bestbox": {"bestbox/unified": ("fits", 15.5, 16)},
     "local-demo": {"local/cpu": ("fits", 0.3, 4)},
 }
 
@@ -99,7 +99,7 @@ FINDINGS: dict[str, list[tuple[str, str, str, str | None]]] = {
         ("warning", "beta", "beta/unified: 87% used, above the 70% safe zone", TIGHT_HINT),
     ],
     "strix-halo": [
-        ("error", "architect", "does not fit: needs 159.8 GiB (weights 158.3 GiB, KV 1.1 GiB at 16384 tokens)",
+        ("error", "architect", "does not fit: needs 159.9 GiB (weights 158.3 GiB, KV 1.1 GiB at 16384 tokens)",
          "model 'minimax-m2.1' (UD-Q3_K_XL, 94.1 GiB) fits at this context; "
          "split it across reasoning + speed over llama.cpp RPC: add an engine: rpc-server service on speed and "
          "list it in rpc_workers of 'architect'"),

@@ -41,13 +41,13 @@ def test_the_flags_are_rendered_in_the_planners_order(tmp_path: Path) -> None:
     argv = list(spec.argv)
     i = argv.index("--override-tensor")
     assert argv[i:i + 9] == ["--override-tensor", r"blk\.3\..*_exps\.=CUDA0", "--override-tensor", r"_exps\.=CPU",
-                             "--cpu-moe", "--n-cpu-moe", "2", "--no-mmap", *argv[i + 8:i + 9]]
+                             "--cpu-moe", "--n-cpu-moe", "2", "--load-mode", "none"]
     assert argv.count("--fit") == 1 and argv[argv.index("--fit") + 1] == "off"
 
 
 def test_no_override_flags_by_default(tmp_path: Path) -> None:
     (spec,) = launch_specs(_inventory(tmp_path, CHAT + "}"))
-    assert not {"--override-tensor", "--cpu-moe", "--n-cpu-moe", "--no-mmap"} & set(spec.argv)
+    assert not {"--override-tensor", "--cpu-moe", "--n-cpu-moe", "--load-mode"} & set(spec.argv)
 
 
 @pytest.mark.parametrize(("value", "message"), [

@@ -42,8 +42,8 @@ class LlamaServer(Adapter):
             argv.append("--cpu-moe")
         if svc.n_cpu_moe:
             argv += ["--n-cpu-moe", str(svc.n_cpu_moe)]
-        if not svc.mmap:
-            argv.append("--no-mmap")
+        if not svc.mmap:  # the release clusterctl builds took --no-mmap into --load-mode
+            argv += ["--load-mode", "none"]
         remote: list[str] = []
         if svc.rpc_workers:
             endpoints = []
