@@ -80,19 +80,19 @@ FINDINGS: dict[str, list[tuple[str, str, str, str | None]]] = {
          "host memory, 18.6 GiB) fits at this context; no combination of nodes has 444.3 GiB free; a node with at "
          "least 444.3 GiB is needed"),
         ("warning", "node1", "node1/gpu0: 95% used, above the 90% safe zone", TIGHT_HINT),
-        ("warning", "strand-rust-coder", "the inventory says 7.0 GB but the files are 15.7 GB", SIZE_HINT),
-        ("warning", "deepseek-coder", "the inventory says 120.0 GB but the files are 475.4 GB", SIZE_HINT),
+        ("warning", "strand-rust-coder", "the inventory says 6.5 GiB but the files are 14.6 GiB", SIZE_HINT),
+        ("warning", "deepseek-coder", "the inventory says 111.8 GiB but the files are 442.8 GiB", SIZE_HINT),
     ],
     "holobionte": [
         ("error", "deepseek-v3", "weights 326.9 GiB per GPU exceed the vLLM budget 45.6 GiB (95% of 48.0 GiB)",
          "raise tensor_parallel, use a quantised checkpoint, or bigger GPUs"),
         ("warning", "node2", "node2/unified: 93% used, above the 90% safe zone", TIGHT_HINT),
         ("warning", "node4", "node4/gpu1: 96% used, above the 90% safe zone", TIGHT_HINT),
-        ("warning", "qwen2-57b-a14b", "the inventory says 18.0 GB but the files are 34.9 GB", SIZE_HINT),
-        ("warning", "deepseek-v3-awq", "the inventory says 42.0 GB but the files are 351.0 GB", SIZE_HINT),
+        ("warning", "qwen2-57b-a14b", "the inventory says 16.8 GiB but the files are 32.5 GiB", SIZE_HINT),
+        ("warning", "deepseek-v3-awq", "the inventory says 39.1 GiB but the files are 326.9 GiB", SIZE_HINT),
     ],
     "arthur-rdma": [
-        ("warning", "llama-3.2-1b-4bit", "the inventory says 1.2 GB but the files are 0.7 GB", SIZE_HINT),
+        ("warning", "llama-3.2-1b-4bit", "the inventory says 1.2 GiB but the files are 662.8 MiB", SIZE_HINT),
     ],
     "arthur-rdma-8bit": [
         ("warning", "alpha", "alpha/unified: 87% used, above the 70% safe zone", TIGHT_HINT),
@@ -103,7 +103,7 @@ FINDINGS: dict[str, list[tuple[str, str, str, str | None]]] = {
          "model 'minimax-m2.1' (UD-Q3_K_XL, 94.1 GiB) fits at this context; "
          "split it across reasoning + speed over llama.cpp RPC: add an engine: rpc-server service on speed and "
          "list it in rpc_workers of 'architect'"),
-        ("warning", "deepseek-v3.1-1bit", "the inventory says 192.0 GB but the files are 170.0 GB", SIZE_HINT),
+        ("warning", "deepseek-v3.1-1bit", "the inventory says 178.8 GiB but the files are 158.3 GiB", SIZE_HINT),
     ],
     "bestbox": [],
     "local-demo": [],

@@ -385,8 +385,6 @@ def test_plan_rollout_sizes_are_binary() -> None:
     assert " GB " not in rollout and " GB\n" not in rollout
 
 
-@pytest.mark.xfail(strict=True, reason="the planner's size finding (planner/plan.py) still writes decimal GB: "
-                   "'the inventory says 7.0 GB but the files are 15.7 GB'")
 def test_plan_text_has_no_decimal_units() -> None:
     import re
 

@@ -623,8 +623,7 @@ def _size_findings(inv: Inventory, metas: dict[str, ModelMeta], findings: list[F
         if ratio < 0.9 or ratio > 1.1:
             findings.append(Finding(
                 "warning", name,
-                f"the inventory says {model.size / 1e9:.1f} GB but the files are "
-                f"{meta.file_bytes / 1e9:.1f} GB",
+                f"the inventory says {fmt_size(model.size)} but the files are {fmt_size(meta.file_bytes)}",
                 "fix 'size' (or remove it: the lock file has the real size)"))
 
 
