@@ -685,11 +685,10 @@ def estimate(
     With no flags it takes llama-server's own defaults: 4 slots sharing one unified KV cache,
     the model's training context, every layer offloaded, memory-mapped weights."""
     import os
-    import re
 
     from clusterctl import ui
     from clusterctl.errors import UsageError
-    from clusterctl.inventory import LLAMA_CPP_MAX_PARALLEL, LLAMA_CPP_QUANTIZED_CACHE
+    from clusterctl.inventory import LLAMA_CPP_MAX_PARALLEL, LLAMA_CPP_QUANTIZED_CACHE, split_override
     from clusterctl.models.fetch import read_meta
     from clusterctl.planner.llama import CACHE_TYPES, Device, LlamaParams, OverrideError, estimate_llama
     from clusterctl.planner.llama_base import moe_overrides
@@ -708,15 +707,11 @@ def estimate(
     overrides: list[tuple[str, str]] = []
     for item in override_tensor or []:
         for part in item.split(","):  # llama.cpp's -ot takes a comma-separated list too
-            pattern, sep, buft = part.rpartition("=")
-            if not sep or not pattern or not buft:
-                raise UsageError(f"--override-tensor {part!r}: give PATTERN=BUFFER_TYPE", "e.g. -ot '_exps\\.=CPU'")
             try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise UsageError(f"--override-tensor {part!r}: the pattern is not a regular expression ({exc})",
+                overrides.append(split_override(part))
+            except ValueError as exc:
+                raise UsageError(f"--override-tensor {part!r}: {exc}",
                                  "e.g. -ot 'blk\\.[0-9]\\.ffn_.*_exps\\.=CPU'") from None
-            overrides.append((pattern, buft))
     if parallel > LLAMA_CPP_MAX_PARALLEL:
         raise UsageError(f"--parallel {parallel}: llama.cpp serves at most {LLAMA_CPP_MAX_PARALLEL} slots",
                          f"--parallel 1..{LLAMA_CPP_MAX_PARALLEL}")

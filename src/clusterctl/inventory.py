@@ -79,6 +79,22 @@ def _positive_duration(value: float) -> float:
     return value
 
 
+def split_override(text: str) -> tuple[str, str]:
+    """(pattern, buffer type) of one llama.cpp tensor override PATTERN=BUFT, split at the last
+    '=' as llama.cpp does; ValueError saying what is wrong with it."""
+    pattern, sep, buft = text.rpartition("=")
+    if not sep or not pattern or not buft.strip():
+        raise ValueError("give PATTERN=BUFFER_TYPE, e.g. '_exps\\.=CPU'")
+    if "," in text:
+        raise ValueError("llama.cpp splits -ot at commas; give each PATTERN=BUFT as its own entry, and no comma "
+                         "inside a pattern (write [0-9][0-9] for {2})")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"the pattern is not a regular expression ({exc})") from None
+    return pattern, buft
+
+
 def _bind(value: str) -> str:
     """An IP address in its canonical form ('0:0::1' is '::1'), as the engines and `ss` print it."""
     try:
@@ -631,18 +647,10 @@ class Service(Strict):
     @classmethod
     def _override_tensors(cls, v: list[str]) -> list[str]:
         for item in v:
-            pattern, sep, buft = item.rpartition("=")
-            if not sep or not pattern or not buft.strip():
-                raise ValueError(f"override_tensors {item!r}: give PATTERN=BUFFER_TYPE, e.g. '_exps\\.=CPU'")
-            if "," in item:
-                raise ValueError(f"override_tensors {item!r}: llama.cpp splits -ot at commas; give each "
-                                 "PATTERN=BUFT as its own entry, and no comma inside a pattern (write "
-                                 "[0-9][0-9] for {2})")
             try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"override_tensors {item!r}: the pattern is not a regular expression ({exc})") \
-                    from None
+                split_override(item)
+            except ValueError as exc:
+                raise ValueError(f"override_tensors {item!r}: {exc}") from None
         return v
 
     @field_validator("gpu_layers")

@@ -10,7 +10,7 @@ from clusterctl.engines.install import archive_name, backend_label, llama_target
 from clusterctl.engines.ollama import DEFAULT_CONTEXT as OLLAMA_DEFAULT_CONTEXT
 from clusterctl.engines.vllm import cpu_kv_bytes, on_cpu
 from clusterctl.errors import MetadataError
-from clusterctl.inventory import Inventory, Node, Service
+from clusterctl.inventory import Inventory, Node, Service, split_override
 from clusterctl.layout import host_port, rpc_endpoint
 from clusterctl.models.meta import ModelMeta
 from clusterctl.planner.engines import CPU_RANK_OVERHEAD, estimate_vllm, split_mlx, vllm_kv_bytes_per_token
@@ -203,8 +203,8 @@ def llama_params(svc: Service, meta: ModelMeta, *, context: int | None = None) -
 def service_overrides(svc: Service) -> tuple[tuple[str, str], ...]:
     """A service's tensor overrides in the order its rendered command gives them to llama.cpp:
     each override_tensors entry, then --cpu-moe, then --n-cpu-moe."""
-    own = tuple(tuple(o.rsplit("=", 1)) for o in svc.override_tensors)
-    return own + moe_overrides(svc.cpu_moe, svc.n_cpu_moe)  # type: ignore[return-value]
+    own = tuple(split_override(o) for o in svc.override_tensors)  # validated when the inventory loaded
+    return own + moe_overrides(svc.cpu_moe, svc.n_cpu_moe)
 
 
 def _llama_devices(ledger: _Ledger, inv: Inventory, name: str, svc: Service
