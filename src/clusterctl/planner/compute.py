@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from clusterctl.models.meta import ModelMeta
-from clusterctl.planner.llama_base import HOST, Device, DeviceMemory, LlamaParams, pad
+from clusterctl.planner.llama_base import HOST, Device, DeviceMemory, LlamaParams, pad, tensor_home
 
 # llama.cpp builds at which the sizing rules changed (approximate where the PR's build number
 # is not known exactly; the build of a published log is compared with them)
@@ -251,18 +251,7 @@ class _Graph:
 
 def _tensor_weights(meta: ModelMeta, placement: list[str], moved: dict[str, str]) -> dict[str, tuple[str, int]]:
     """Device and bytes of each weight tensor the graph multiplies by."""
-    n_layer = meta.n_layer
-    out: dict[str, tuple[str, int]] = {}
-    for t in meta.tensors or []:
-        if t.name.startswith("blk."):
-            il = int(t.name.split(".")[1])
-            home = placement[il] if il < n_layer else HOST
-        elif t.name.startswith(("output.", "output_norm.")):
-            home = placement[-1]
-        else:
-            home = HOST
-        out[t.name] = (moved.get(t.name, home), t.bytes)
-    return out
+    return {t.name: (moved.get(t.name, tensor_home(t.name, placement)), t.bytes) for t in meta.tensors or []}
 
 
 def _group_weights(meta: ModelMeta, placement: list[str], moved: dict[str, str],

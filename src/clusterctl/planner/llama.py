@@ -27,7 +27,7 @@ from clusterctl.planner.llama_base import CACHE_TYPES as CACHE_TYPES
 from clusterctl.planner.llama_base import HOST as HOST
 from clusterctl.planner.llama_base import MIB as MIB
 from clusterctl.planner.llama_base import Device as Device
-from clusterctl.planner.llama_base import DeviceMemory, kv_widths, pad, row_bytes
+from clusterctl.planner.llama_base import DeviceMemory, kv_widths, pad, row_bytes, tensor_home
 from clusterctl.planner.llama_base import LlamaParams as LlamaParams
 
 
@@ -68,13 +68,6 @@ def context_cells(meta: ModelMeta, p: LlamaParams) -> tuple[int, int, int]:
         return n_ctx, n_ctx, 1
     n_ctx_seq = pad(n_ctx // p.n_parallel, 256)
     return n_ctx_seq * p.n_parallel, n_ctx_seq, p.n_parallel
-
-
-def kv_row_bytes(meta: ModelMeta, p: LlamaParams) -> tuple[int, int]:
-    """Bytes per cell per layer for K and for V. llama.cpp's MLA cache (GGUFs with the
-    key_length_mla keys) is one compressed row (n_head_kv = 1, head_dim_k = 576) and no V."""
-    k, v = kv_widths(meta)
-    return row_bytes(p.cache_type_k, k), (row_bytes(p.cache_type_v, v) if v else 0)
 
 
 def layer_devices(n_layer: int, devices: list[Device], p: LlamaParams) -> list[str]:
@@ -118,7 +111,6 @@ REPACK_RULES: dict[str, dict[str, int]] = {
     "x86_64": {"Q4_0": 8, "Q4_K": 8, "IQ4_NL": 8, "MXFP4": 8},  # AVX2
     "aarch64": {"Q4_0": 4, "Q4_K": 8, "Q5_K": 8, "Q6_K": 8, "IQ4_NL": 4, "MXFP4": 4, "Q8_0": 4},  # NEON i8mm
 }
-_BLK = re.compile(r"^blk\.(\d+)\.")
 _BACKEND = re.compile(r"^(CUDA|ROCm|Vulkan|SYCL|MTL|Metal|CANN|MUSA|OpenCL|BLAS)(\d*)$")
 
 
@@ -157,18 +149,11 @@ def _place_tensors(meta: ModelMeta, p: LlamaParams, devices: list[Device], place
     """Weights tensor by tensor (GGUFs that list their tensors): each on its layer's device
     unless an override matches its name first. Returns the tensors moved off their layer's device."""
     assert meta.tensors is not None
-    n_layer = meta.n_layer
     patterns = [(re.compile(pat), resolve_buft(buft, devices)) for pat, buft in p.overrides]
     moved: dict[str, str] = {}
     tied = _tied_output(meta) and not any(t.name.startswith("output.weight") for t in meta.tensors)
     for t in meta.tensors:
-        if m := _BLK.match(t.name):
-            il = int(m.group(1))
-            home = placement[il] if il < n_layer else HOST
-        elif t.name.startswith(("output.", "output_norm.")):
-            home = placement[-1]
-        else:
-            home = HOST
+        home = tensor_home(t.name, placement)
         dev = next((d for rx, d in patterns if rx.search(t.name)), home)
         mem[dev].weights += t.bytes
         if dev != home:

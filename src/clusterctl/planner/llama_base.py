@@ -41,6 +41,18 @@ def moe_overrides(cpu_moe: bool, n_cpu_moe: int) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def tensor_home(name: str, placement: list[str]) -> str:
+    """The device a weight tensor lives on before any override: its layer's (blk.N.*), the
+    output layer's (output.*, output_norm.*), else host memory (the token embedding and the
+    rest). `placement` is the device of each of the n_layer + 1 layers, the output layer last."""
+    if name.startswith("blk."):
+        il = int(name.split(".", 2)[1])
+        return placement[il] if il < len(placement) - 1 else HOST
+    if name.startswith(("output.", "output_norm.")):
+        return placement[-1]
+    return HOST
+
+
 @dataclass(frozen=True)
 class LlamaParams:
     n_ctx: int | None = None  # None: the model's training context
