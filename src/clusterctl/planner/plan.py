@@ -464,15 +464,19 @@ def _experts_offload(inv: Inventory, ledger: _Ledger, name: str, svc: Service, m
         return estimate_llama(meta, llama_params(svc_n, meta), devices)
 
     lo, hi = 1, meta.n_layer - svc.n_cpu_moe
-    if hi < 1 or not _fits_alone(estimate(hi), plans, host):
+    if hi < 1:
+        return None
+    fitting = estimate(hi)  # the estimate at `hi`, the fewest layers known to fit
+    if not _fits_alone(fitting, plans, host):
         return None
     while lo < hi:  # more experts in host memory only ever frees GPU memory
         mid = (lo + hi) // 2
-        if _fits_alone(estimate(mid), plans, host):
-            hi = mid
+        est = estimate(mid)
+        if _fits_alone(est, plans, host):
+            hi, fitting = mid, est
         else:
             lo = mid + 1
-    return lo, estimate(lo).devices[HOST].total
+    return hi, fitting.devices[HOST].total
 
 
 def _rpc_split(inv: Inventory, ledger: _Ledger, svc: Service, meta: ModelMeta) -> list[str] | None:
