@@ -611,3 +611,40 @@ def test_mlx_lm_is_checked_against_the_folder_it_serves_and_an_empty_listing_is_
     assert [(c.name, c.status, c.detail) for c in checked.checks][2:] == [(
         "model", "fail", "/v1/models answered 200 with an empty body, expected '/opt/models/tiny' (mlx-lm does "
         "this when HF_HUB_CACHE is not an existing folder)")]
+
+
+# -- the router installed by deploy ---------------------------------------------------------------
+
+ROUTER = "router:\n  node: n1\n  bind: 127.0.0.1\n  port: 8000\n  default: [web]\n"
+
+
+def test_a_new_router_wheel_gets_a_venv_of_its_own_and_restarts_the_router(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clusterctl.deploy import router_wheel
+
+    inv = write_inventory(tmp_path, WEB, router=ROUTER)
+    n1 = node()
+    n1.service("web", 8081)
+    router = n1.service("router", 8000)
+    first = run(inv, {"n1": n1})
+    assert first.ok, first.nodes["n1"].failed
+    wheel = router_wheel.build(router_wheel.cache_folder())
+    pushed = f"/opt/clusterctl/router/wheels/{wheel.filename}"
+    assert n1.files[pushed][0] == wheel.path.read_bytes()
+    installs = [c for c in n1.commands() if c.startswith("venv.sh ")]
+    assert len(installs) == 1 and f" {pushed} " in f" {installs[0]} ", installs
+    assert router.starts == 1
+    assert run(inv, {"n1": n1}).changes == 0  # the same code: nothing to install, no restart
+    assert router.starts == 1
+
+    real = router_wheel._sources
+    monkeypatch.setattr(router_wheel, "_sources", lambda: [*real(), ("clusterctl/router/_changed.py", b"x = 1\n")])
+    new = router_wheel.build(router_wheel.cache_folder())
+    assert new.version != wheel.version and new.version.startswith(wheel.version.split("+")[0] + "+g")
+    n1.ran.clear()
+    second = run(inv, {"n1": n1})
+    assert second.ok, second.nodes["n1"].failed
+    kinds = [(s.kind, s.target) for s in second.nodes["n1"].steps]
+    assert ("push-engine", f"/opt/clusterctl/router/wheels/{new.filename}") in kinds, kinds
+    assert any(k == "install-engine" for k, _ in kinds) and ("restart", "router") in kinds, kinds
+    assert router.starts == 2 and router.state == "active"
