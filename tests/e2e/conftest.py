@@ -19,6 +19,7 @@ from tests.e2e.testbed import Manager, Testbed, TestbedError, TestbedFactory, op
 
 TESTBED_FIXTURES = frozenset({"testbed3", "testbed_factory"})
 _reports: list[str] = []
+_module_seconds: dict[str, float] = {}  # setup + call + teardown of each module's tests
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -27,11 +28,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.real)
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    module = report.nodeid.split("::", 1)[0]
+    if module.startswith("tests/e2e/"):
+        _module_seconds[module] = _module_seconds.get(module, 0.0) + report.duration
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _reports:
         terminalreporter.section("testbed")
         for line in _reports:
             terminalreporter.write_line(line)
+    if _module_seconds:
+        terminalreporter.section("e2e seconds per module (module fixtures included)")
+        for module, seconds in sorted(_module_seconds.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"{seconds:8.1f}  {module}")
+        terminalreporter.write_line(f"{sum(_module_seconds.values()):8.1f}  all e2e")
 
 
 def _opened(n: int, manager: Manager | None = None, **kwargs: Any) -> Testbed:
