@@ -136,6 +136,13 @@ def plan(p: Plan, inv: Inventory, lock_note: str) -> None:
                fmt_size(s.total) if s.total else "-", f"[{_VERDICT_STYLE[s.verdict]}]{_VERDICT_TEXT[s.verdict]}[/]"]
         t.add_row(*(row[:1] + row[2:] if narrow else row))
     say(t)
+    kv = [s for s in p.services if s.kv_tokens is not None and s.max_concurrency is not None]
+    if kv:
+        say()
+        say("[bold]vLLM KV cache[/] (per instance, as vLLM logs it at start-up)")
+        for s in kv:
+            say(f"  {escape(s.name):<16} {s.kv_tokens:,} tokens: {s.max_concurrency:.2f} "
+                f"requests of {s.context or 0:,} tokens at once")
     say()
     say(f"[bold]rollout[/] (what deploy would do; downloads at {escape(p.link_speed)})")
     for st in p.steps:

@@ -110,7 +110,8 @@ def test_kv_cache_per_rank_is_the_planners(deployed: tuple[Testbed, Path, dict[s
     tb, path, data = deployed
     assert data["exit_code"] == 0
     journal = tb.node("node1").run(["journalctl", "-u", "clusterctl-chat.service", "--no-pager", "-o", "cat"]).stdout
-    m = re.search(r"CPU KV cache size: ([\d,]+) tokens", journal)
+    m = re.search(r"CPU KV cache size: ([\d,]+) tokens, Maximum concurrency for 2,048 tokens per request: "
+                  r"([\d.]+)x", journal)
     assert m, journal[-2000:]
     config = json.loads((assets.tiny_model_dir() / "config.json").read_text())
     meta = meta_from_hf_config(config, safetensors_index=None, file_sizes={})
@@ -118,10 +119,11 @@ def test_kv_cache_per_rank_is_the_planners(deployed: tuple[Testbed, Path, dict[s
     assert per_token == 256  # one of the 2 layers per stage x 2 KV heads x (32 + 32) x 2 bytes
     assert int(m.group(1).replace(",", "")) == 2**30 // per_token == 4_194_304
     # the plan puts one rank's weights + 1 GiB KV + runtime on each node's RAM
-    result = CliRunner().invoke(app, ["plan", str(path), "--json"])
+    result = CliRunner().invoke(app, ["plan", "-i", str(path), "--json"])
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     (svc,) = [s for s in plan["services"] if s["name"] == "chat"]
     assert svc["devices"] == ["node1/cpu", "node2/cpu"] and svc["verdict"] == "fits"
+    assert (svc["kv_tokens"], f"{svc['max_concurrency']:.2f}") == (4_194_304, m.group(2)) == (4_194_304, "2048.00")
     kv = {d["node"]: [u["kv"] for u in d["usages"] if u["service"] == "chat"] for d in plan["devices"]}
     assert kv == {"node1": [2**30], "node2": [2**30]}

