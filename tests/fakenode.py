@@ -1,7 +1,8 @@
 """A scripted fake node: a Transport whose file system is a dict and whose commands are
 answered from that state, in the output formats of the real tools (ss, stat, openssl dgst -r,
 wc -c, df -Pk, systemctl show / is-active, launchctl print / bootstrap / bootout, curl -w,
-the control scripts' status line, the packaged scripts' exit codes and INSTALLED lines).
+the control scripts' status line, the packaged scripts' exit codes and INSTALLED lines, the
+probe's listing of installed unit files / plists / control scripts, the files rm deletes).
 
 It stands in for the nodes where deploy's logic is under test (executor, rollback, max-fail,
 dry run, managers); the e2e tests prove the same paths on real systemd nodes. A command it
@@ -79,6 +80,9 @@ class FakeNode:
         self.ran: list[Ran] = []
         self.unknown: list[tuple[str, ...]] = []
         self.writes: list[str] = []  # paths written by put / push / mv / rm
+        self.removed: list[str] = []  # paths deleted by rm
+        self.disabled: list[str] = []  # systemd units disabled
+        self.read_only: set[str] = set()  # paths rm may not delete (a removal that fails)
         self.reloads = 0
         self.loaded: dict[str, bytes | None] = {}  # systemd: unit files as of the last daemon-reload
         self.stale_starts: list[str] = []  # units (re)started while their file changed since the last reload
@@ -177,8 +181,11 @@ class FakeNode:
         return 0, "", ""
 
     def _rm(self, a: tuple[str, ...], stdin: bytes | None) -> tuple[int, str, str]:
+        if a[-1] in self.read_only:
+            return 1, "", f"rm: cannot remove '{a[-1]}': Permission denied\n"
         if self.files.pop(a[-1], None) is not None:
             self.writes.append(a[-1])
+            self.removed.append(a[-1])
         return 0, "", ""
 
     def _wc(self, a: tuple[str, ...], stdin: bytes | None) -> tuple[int, str, str]:
@@ -245,9 +252,9 @@ class FakeNode:
         return 0, "", ""
 
     def _script_probe(self, args: list[str]) -> tuple[int, str, str]:
-        _sha, marker, base, manager = args[:4]
+        _sha, marker, base, manager, unit_dir, prefix, suffix = args[:7]
         groups: list[list[str]] = [[]]
-        for word in args[4:]:
+        for word in args[7:]:
             if word == "--" and len(groups) < 6:
                 groups.append([])
             else:
@@ -275,6 +282,9 @@ class FakeNode:
         else:
             section("manager", *([f"/usr/bin/{tool}"] if tool in self.tools else []))
         section("states", *(self._state_word(h) for h in handles))
+        section("installed", *sorted(name for d, _, name in (p.rpartition("/") for p in self.files)
+                                     if unit_dir and d == unit_dir and name.startswith(prefix)
+                                     and name.endswith(suffix) and len(name) > len(prefix) + len(suffix)))
         listeners = self._listeners()
         if self.os == "macos":
             section("listeners", "#lsof", *(f"{proc} 123 root 5u IPv4 0x1 0t0 TCP {h}:{p} (LISTEN)"
@@ -351,6 +361,9 @@ class FakeNode:
         if svc is None or self._unit_file(svc) not in self.files:
             return 5, "", f"Failed to {verb} {unit}: Unit {unit} not found.\n"
         if verb in ("enable", "reset-failed"):
+            return 0, "", ""
+        if verb == "disable":
+            self.disabled.append(unit)
             return 0, "", ""
         if verb in ("restart", "start"):
             path = self._unit_file(svc)

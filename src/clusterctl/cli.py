@@ -430,6 +430,8 @@ def deploy(
     phase: PhaseOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="gather facts, show every step; write nothing")] = False,
     max_fail: Annotated[int, typer.Option(help="failed nodes tolerated before later phases stop")] = 0,
+    prune: Annotated[bool, typer.Option("--prune", help="stop and remove the services a node runs that the "
+                                        "inventory no longer gives it (weights and engines stay)")] = False,
     json: JsonOpt = False,
 ) -> None:
     """Make the cluster match the inventory over SSH: acquire -> router -> services -> verify."""
@@ -463,7 +465,7 @@ def deploy(
 
     with _deploy_lock(loaded.path) as stale:
         result = do_deploy(inv, loaded.lock, rendered, opener, nodes=nodes or None, phases=phases,
-                           dry_run=dry_run, max_fail=max_fail, reporter=reporter, plan=plan_)
+                           dry_run=dry_run, max_fail=max_fail, reporter=reporter, plan=plan_, prune=prune)
     reporter.close()
     checked = None
     if "verify" in phases and not dry_run and result.ok:

@@ -303,6 +303,17 @@ def deploy_recap(result: DeployResult) -> None:
                     out.print(f"      [dim]$ {escape(command)}[/]")
                 if r.diffs.get(st.target):
                     out.print(escape(r.diffs[st.target]), end="")
+        removing = {st.target for st in r.steps if st.kind == "remove"}
+        removed = {st.target for st in r.done if st.kind == "remove"}
+        for orphan in r.orphans:
+            if orphan in removed:
+                note = "removed"
+            elif orphan in removing:
+                note = "would be removed" if result.dry_run else "not removed"
+            else:
+                note = "left alone: deploy --prune removes it"
+            out.print(f"  [yellow]orphan[/] {escape(name)}/{escape(orphan)}: not in the inventory for this node; "
+                      f"{note}")
         if r.failed:
             out.print(f"  [red]{escape(r.failed)}[/]")
             if r.rolled_back:

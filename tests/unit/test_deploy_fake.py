@@ -648,3 +648,162 @@ def test_a_new_router_wheel_gets_a_venv_of_its_own_and_restarts_the_router(
     assert ("push-engine", f"/opt/clusterctl/router/wheels/{new.filename}") in kinds, kinds
     assert any(k == "install-engine" for k, _ in kinds) and ("restart", "router") in kinds, kinds
     assert router.starts == 2 and router.state == "active"
+
+
+# -- orphans: services a node runs that the inventory no longer gives it --------------------------
+
+OLD = """\
+  old:
+    engine: custom
+    node: n1
+    port: 8082
+    health_path: /health
+    command: [/usr/bin/python3, -m, old]
+"""
+REMOVE_OLD = ("systemctl stop -- clusterctl-old.service", "systemctl disable -- clusterctl-old.service",
+              "rm -f -- /etc/systemd/system/clusterctl-old.service", "rm -f -- /opt/clusterctl/bin/old.sh")
+
+
+def deployed_with_old(tmp_path: Path, **kwargs: object) -> tuple[FakeNode, Inventory]:
+    """n1 runs web and old; the inventory returned holds web only."""
+    n1 = node(**kwargs)
+    n1.service("web", 8081)
+    n1.service("old", 8082)
+    nodes = "  n1: {address: 10.0.0.1, os: macos, unified_memory: 32GiB}\n" if kwargs.get("os") == "macos" else \
+        "  n1: {address: 10.0.0.1, os: android, ram: 8GiB}\n" if kwargs.get("manager") == "direct" else None
+    first = run(write_inventory(tmp_path, WEB + OLD, nodes=nodes), {"n1": n1})
+    assert first.ok, first.nodes["n1"].failed
+    assert n1.services["old"].state == "active"
+    n1.ran.clear()
+    n1.writes.clear()
+    return n1, write_inventory(tmp_path, WEB, nodes=nodes)
+
+
+def test_a_dropped_service_is_reported_and_left_running_without_prune(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from clusterctl import ui
+
+    n1, inv = deployed_with_old(tmp_path)
+    result = run(inv, {"n1": n1})
+    assert result.ok and steps(result) == [] and result.changes == 0
+    assert result.nodes["n1"].orphans == ["old"]
+    assert result.to_json()["nodes"]["n1"]["orphans"] == ["old"]  # type: ignore[index]
+    assert n1.services["old"].state == "active" and n1.services["old"].starts == 1
+    assert n1.writes == [] and [r.argv[3] for r in n1.ran] == ["clusterctl-probe"]
+    assert "/etc/systemd/system/clusterctl-old.service" in n1.files
+    ui.deploy_recap(result)
+    lines = capsys.readouterr().out.splitlines()
+    assert "  orphan n1/old: not in the inventory for this node; left alone: deploy --prune removes it" in lines
+    assert lines[-1] == "no changes"
+    dry = run(inv, {"n1": n1}, dry_run=True)
+    assert dry.nodes["n1"].orphans == ["old"] and steps(dry) == [] and n1.writes == []
+
+
+def test_prune_stops_disables_and_deletes_an_orphan_and_a_second_deploy_changes_nothing(tmp_path: Path) -> None:
+    n1, inv = deployed_with_old(tmp_path)
+    reloads, web_starts = n1.reloads, n1.services["web"].starts
+    result = run(inv, {"n1": n1}, prune=True)
+    assert result.ok, result.nodes["n1"].failed
+    assert steps(result) == [("remove", "old", "not in the inventory for this node"),
+                             ("daemon-reload", "systemd", "unit files changed")]
+    assert result.nodes["n1"].steps[0].commands == REMOVE_OLD
+    assert [s.kind for s in result.nodes["n1"].done] == ["remove", "daemon-reload"]
+    assert n1.removed == ["/etc/systemd/system/clusterctl-old.service", "/opt/clusterctl/bin/old.sh"]
+    assert "/etc/systemd/system/clusterctl-old.service" not in n1.files and "/opt/clusterctl/bin/old.sh" not in n1.files
+    assert n1.disabled == ["clusterctl-old.service"] and n1.reloads == reloads + 1
+    commands = n1.commands()
+    assert commands.index(REMOVE_OLD[0]) < commands.index(REMOVE_OLD[3]) < commands.index("systemctl daemon-reload")
+    assert n1.services["old"].state == "inactive"
+    assert n1.services["web"].state == "active" and n1.services["web"].starts == web_starts
+    assert "/opt/clusterctl/bin/web.sh" in n1.files and n1.unknown == []
+    again = run(inv, {"n1": n1}, prune=True)
+    assert again.ok and again.changes == 0 and again.nodes["n1"].orphans == []
+    assert run(inv, {"n1": n1}).changes == 0
+
+
+def test_a_dry_run_with_prune_lists_the_removal_and_writes_nothing(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from clusterctl import ui
+
+    n1, inv = deployed_with_old(tmp_path)
+    result = run(inv, {"n1": n1}, dry_run=True, prune=True)
+    assert result.ok and result.dry_run
+    assert steps(result) == [("remove", "old", "not in the inventory for this node"),
+                             ("daemon-reload", "systemd", "unit files changed")]
+    assert result.nodes["n1"].steps[0].commands == REMOVE_OLD
+    assert n1.writes == [] and n1.removed == [] and [r.argv[3] for r in n1.ran] == ["clusterctl-probe"]
+    assert n1.services["old"].state == "active" and n1.reloads == 1
+    ui.deploy_recap(result)
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index("  services  remove        old  not in the inventory for this node")
+    assert lines[at + 1:at + 5] == [f"      $ {c}" for c in REMOVE_OLD]
+    assert "  orphan n1/old: not in the inventory for this node; would be removed" in lines
+
+
+def test_a_failing_removal_fails_the_node_naming_node_and_service(tmp_path: Path) -> None:
+    n1, inv = deployed_with_old(tmp_path)
+    n1.read_only.add("/etc/systemd/system/clusterctl-old.service")
+    result = run(inv, {"n1": n1}, prune=True)
+    assert not result.ok and int(result.exit_code) == 8
+    failed = result.nodes["n1"].failed
+    assert failed is not None and failed.startswith(
+        "n1: removing old failed: rm: cannot remove '/etc/systemd/system/clusterctl-old.service': Permission denied")
+    assert [s.kind for s in result.nodes["n1"].done] == []
+    assert "/opt/clusterctl/bin/old.sh" in n1.files  # nothing after the failing command
+
+
+def test_the_router_is_an_orphan_only_off_its_node_and_a_moved_service_is_one_where_it_was(tmp_path: Path) -> None:
+    nodes = "  n1: {address: 10.0.0.1, ram: 8GiB}\n  n2: {address: 10.0.0.2, ram: 8GiB}\n"
+    inv = write_inventory(tmp_path, WEB, nodes=nodes, router=ROUTER)
+    n1, n2 = node(), node("n2")
+    n1.service("web", 8081)
+    n1.service("router", 8000)
+    n2.service("web", 8081)
+    n2.service("router", 8000)  # the router was here once: its unit is left, stopped
+    n2.add_file("/etc/systemd/system/clusterctl-router.service", b"[Unit]\n")
+    n2.add_file("/etc/systemd/system/clusterctl-router-extra.conf", b"")  # not a unit clusterctl writes
+    n2.add_file("/etc/systemd/system/other.service", b"[Unit]\n")  # not clusterctl's
+    first = run(inv, {"n1": n1, "n2": n2})
+    assert first.ok, first.nodes["n1"].failed
+    assert first.nodes["n1"].orphans == [] and first.nodes["n2"].orphans == ["router"]
+    keep = OLD.replace("old", "keep").replace("8082", "8083")
+    n1.service("keep", 8083)
+    moved = write_inventory(tmp_path, WEB.replace("node: n1", "node: n2") + keep, nodes=nodes,
+                            router=ROUTER.replace("[web]", "[keep]"))
+    result = run(moved, {"n1": n1, "n2": n2}, prune=True)
+    assert result.ok, (result.nodes["n1"].failed, result.nodes["n2"].failed)
+    assert result.nodes["n1"].orphans == ["web"] and result.nodes["n2"].orphans == ["router"]
+    assert [(s.kind, s.target) for s in result.nodes["n1"].steps if s.kind == "remove"] == [("remove", "web")]
+    assert [(s.kind, s.target) for s in result.nodes["n2"].steps if s.kind == "remove"] == [("remove", "router")]
+    assert n1.services["router"].state == "active" and n1.services["web"].state == "inactive"
+    assert n2.services["web"].state == "active"
+    assert "/etc/systemd/system/other.service" in n2.files and "/etc/systemd/system/clusterctl-router.service" \
+        not in n2.files
+
+
+def test_a_launchd_node_removes_an_orphan_with_launchctl(tmp_path: Path) -> None:
+    n1, inv = deployed_with_old(tmp_path, manager="launchd", os="macos")
+    result = run(inv, {"n1": n1}, prune=True)
+    assert result.ok, result.nodes["n1"].failed
+    assert steps(result) == [("remove", "old", "not in the inventory for this node")]  # no daemon-reload
+    assert result.nodes["n1"].steps[0].commands == (
+        "launchctl bootout system/io.clusterctl.old", "rm -f -- /Library/LaunchDaemons/io.clusterctl.old.plist",
+        "rm -f -- /usr/local/clusterctl/bin/old.sh")
+    assert n1.removed == ["/Library/LaunchDaemons/io.clusterctl.old.plist", "/usr/local/clusterctl/bin/old.sh"]
+    assert not n1.services["old"].loaded and n1.services["old"].state == "inactive"
+    assert n1.services["web"].state == "active" and n1.unknown == []
+    assert run(inv, {"n1": n1}, prune=True).changes == 0
+
+
+def test_a_direct_node_removes_an_orphan_with_its_control_script(tmp_path: Path) -> None:
+    n1, inv = deployed_with_old(tmp_path, manager="direct")
+    result = run(inv, {"n1": n1}, prune=True)
+    assert result.ok, result.nodes["n1"].failed
+    assert steps(result) == [("remove", "old", "not in the inventory for this node")]
+    assert result.nodes["n1"].steps[0].commands == (
+        "/opt/clusterctl/bin/old-ctl.sh stop", "rm -f -- /opt/clusterctl/bin/old-ctl.sh",
+        "rm -f -- /opt/clusterctl/bin/old.sh")
+    assert n1.removed == ["/opt/clusterctl/bin/old-ctl.sh", "/opt/clusterctl/bin/old.sh"]
+    assert n1.services["old"].state == "inactive" and n1.services["web"].state == "active"
+    assert n1.unknown == []
+    assert run(inv, {"n1": n1}, prune=True).changes == 0

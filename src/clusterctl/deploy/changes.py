@@ -18,12 +18,24 @@ from clusterctl.deploy.model import (
 )
 from clusterctl.engines.install import archive_name
 
+ORPHAN_REASON = "not in the inventory for this node"
+
 
 def _phase_of(service: str) -> Phase:
     return "router" if service == ROUTER else "services"
 
 
-def diff(desired: Desired, facts: NodeFacts) -> list[Step]:
+def orphans(desired: Desired, facts: NodeFacts) -> list[str]:
+    """The services clusterctl installed on the node that the desired state of this node does
+    not hold (dropped from the inventory, or moved to another node; the router counts only on
+    its own node). One whose unit file is a file this node should hold is none (a direct
+    node's `x-ctl.sh` may be the launch script of a service named `x-ctl`)."""
+    keep = set(desired.all_paths()) | desired.unit_files
+    return sorted(s for s, path in facts.installed.items() if s not in desired.services and path not in keep)
+
+
+def diff(desired: Desired, facts: NodeFacts, *, prune: bool = False) -> list[Step]:
+    """The steps; with `prune`, also one `remove` step per orphan (see `orphans`)."""
     steps: list[Step] = []
     node = desired.node
     # acquire: engines and weights
@@ -98,9 +110,13 @@ def diff(desired: Desired, facts: NodeFacts) -> list[Step]:
             steps.append(Step(_phase_of(owner), node, "secret", secret.path,
                               "new" if secret.path not in facts.hashes else "changed", 0, owner, sensitive=True))
             changed_services.setdefault(owner, f"{secret.path} (sensitive) changed")
+    if prune:
+        for service in orphans(desired, facts):
+            steps.append(Step("services", node, "remove", service, ORPHAN_REASON, service=service))
     if desired.systemd:  # systemd re-reads changed unit files only when told to
         for phase in ("router", "services"):
-            if any(st.phase == phase and st.kind == "upload" and st.target in desired.unit_files for st in steps):
+            if any(st.phase == phase and ((st.kind == "upload" and st.target in desired.unit_files)
+                                          or st.kind == "remove") for st in steps):
                 steps.append(Step(phase, node, "daemon-reload", "systemd", "unit files changed"))
     for service in desired.services:
         phase = _phase_of(service)

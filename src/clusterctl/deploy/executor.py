@@ -60,6 +60,7 @@ class NodeResult:
     log_tail: str = ""
     rolled_back: list[str] = field(default_factory=list)
     diffs: dict[str, str] = field(default_factory=dict)  # path -> unified diff (dry run)
+    orphans: list[str] = field(default_factory=list)  # services installed here the inventory does not hold here
     bytes_sent: int = 0
 
     @property
@@ -274,6 +275,9 @@ class Executor:
             self.result.done.append(s)
             self.reporter.step(self.d.node, s, "done")
         for s in steps:
+            if s.kind == "remove":
+                self._remove(s)
+        for s in steps:
             if s.kind == "daemon-reload":
                 self.control([ops.control(c) for c in self.mgr.reload()])
                 self.result.done.append(s)
@@ -287,6 +291,18 @@ class Executor:
                     return
                 self.result.done.append(s)
                 self.reporter.step(self.d.node, s, "done")
+
+    def _remove(self, s: Step) -> None:
+        """Stop, disable and delete an orphan (`deploy --prune`); a failure stops this node."""
+        self.reporter.step(self.d.node, s, "start")
+        runs = [op for op in ops.step_ops(s, self.d, self.node, self.mgr) if isinstance(op, ops.Run)]
+        ok, err = self.control(runs)
+        if not ok:
+            raise DeployError(f"{self.d.node}: removing {s.target} failed: {err or 'a command failed'}",
+                              hint=f"see `{self.mgr.look(self.node, s.target)}` on the node; deploy --prune "
+                              "tries again; nothing else of it was touched after the failing command")
+        self.result.done.append(s)
+        self.reporter.step(self.d.node, s, "done")
 
     def _restart_and_wait(self, service: str) -> str | None:
         ok, err = self.control([ops.control(c) for c in self.mgr.restart(self.node, service)])

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 from clusterctl.deploy import shell
 from clusterctl.deploy.model import Gpu, NodeFacts
-from clusterctl.inventory import Node
+from clusterctl.inventory import NAME_RE, Node
 from clusterctl.transport import Transport
 
 # -- parsers (pure) ------------------------------------------------------------------------
@@ -157,6 +157,22 @@ def parse_pythons(text: str) -> dict[str, tuple[int, int]]:
     return out
 
 
+def parse_installed(text: str, folder: str, prefix: str, suffix: str) -> dict[str, str]:
+    """The services of the `installed` section: one file name per line (PREFIX<service>SUFFIX,
+    the files clusterctl writes for its services in `folder`) -> service -> that file's path;
+    names that are not clusterctl's (another prefix or suffix, not a valid service name) are
+    left out."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        name = line.strip()
+        if not (name.startswith(prefix) and name.endswith(suffix)) or len(name) <= len(prefix) + len(suffix):
+            continue
+        service = name[len(prefix):len(name) - len(suffix)]
+        if NAME_RE.match(service) and ".." not in service:
+            out[service] = f"{folder}/{name}"
+    return dict(sorted(out.items()))
+
+
 def parse_manifest(data: bytes | None) -> dict[str, dict[str, object]]:
     if not data:
         return {}
@@ -181,29 +197,31 @@ def gpu_drift(node: Node, gpus: list[Gpu]) -> str | None:
 
 # -- gathering (I/O through the transport) --------------------------------------------------
 
-SECTIONS = ("uname", "memory", "nvidia", "stat", "sha", "wstat", "manager", "states", "listeners", "manifest",
-            "found", "pythons")
+SECTIONS = ("uname", "memory", "nvidia", "stat", "sha", "wstat", "manager", "states", "installed", "listeners",
+            "manifest", "found", "pythons")
+NO_LISTING = ("", "", "")  # (folder, prefix, suffix): list no installed services
 
 
 def probe_argv(*, marker: str, base: str, manager: str, files: Sequence[str], weights: Sequence[str],
                dirs: Sequence[str], handles: Sequence[str], binaries: Sequence[str],
-               commands: Sequence[str]) -> list[str]:
+               commands: Sequence[str], installed: tuple[str, str, str] = NO_LISTING) -> list[str]:
     """The one read-only command that gathers every fact (scripts/probe.sh)."""
-    return shell.argv("probe", shell.text("sha256"), marker, base, manager, *files, "--", *weights, "--",
-                        *dirs, "--", *handles, "--", *binaries, "--", *commands)
+    return shell.argv("probe", shell.text("sha256"), marker, base, manager, *installed, *files, "--", *weights,
+                      "--", *dirs, "--", *handles, "--", *binaries, "--", *commands)
 
 
 def gather(t: Transport, *, base: str, files: Iterable[str], handles: Iterable[str], weights: Iterable[str],
            dirs: Iterable[str], manager: str, binaries: Iterable[str] = (),
-           commands: Iterable[str] = ()) -> NodeFacts:
+           commands: Iterable[str] = (), installed: tuple[str, str, str] = NO_LISTING) -> NodeFacts:
     """Every probe in one command (one round trip per node), its output cut into sections
-    that the pure parsers above read."""
+    that the pure parsers above read. `installed`: (folder, prefix, suffix) of the files that
+    define clusterctl's services to the node's manager (ServiceManager.installed)."""
     marker = f"@@clusterctl-{secrets.token_hex(6)}@@"
     dirs = sorted(set(dirs))
     units = sorted(set(handles))
     argv = probe_argv(marker=marker, base=base, manager=manager, files=sorted(set(files)),
                       weights=sorted(set(weights)), dirs=dirs, handles=units, binaries=sorted(set(binaries)),
-                      commands=sorted(set(commands)))
+                      commands=sorted(set(commands)), installed=installed)
     r = t.run(argv, timeout=300)
     if not r.ok:  # facts from a probe that did not finish would be read as "absent" and acted on
         from clusterctl.deploy.desired import DeployError
@@ -212,10 +230,11 @@ def gather(t: Transport, *, base: str, files: Iterable[str], handles: Iterable[s
         raise DeployError(f"{t.host}: gathering facts failed (probe exit {r.rc}): {last}",
                           hint="the node needs bash and coreutils on PATH; run the probe by hand over ssh to "
                                "see more; nothing was changed on the node")
-    return parse_probe(t.host, r.out, marker, dirs=dirs, handles=units)
+    return parse_probe(t.host, r.out, marker, dirs=dirs, handles=units, installed=installed)
 
 
-def parse_probe(node: str, text: str, marker: str, *, dirs: Sequence[str], handles: Sequence[str]) -> NodeFacts:
+def parse_probe(node: str, text: str, marker: str, *, dirs: Sequence[str], handles: Sequence[str],
+                installed: tuple[str, str, str] = NO_LISTING) -> NodeFacts:
     out = parse_sections(text, marker)
     facts = NodeFacts(node=node)
     facts.os, facts.arch = parse_uname(out.get("uname", ""))
@@ -231,6 +250,8 @@ def parse_probe(node: str, text: str, marker: str, *, dirs: Sequence[str], handl
     facts.has_systemd = manager.endswith("systemctl")
     if facts.has_manager:
         facts.units = parse_is_active(list(handles), out.get("states", ""))
+    if installed[0]:
+        facts.installed = parse_installed(out.get("installed", ""), *installed)
     facts.listeners = parse_listeners(out.get("listeners", ""))
     manifest = out.get("manifest", "")
     facts.manifest = parse_manifest(manifest.encode() if manifest.strip() else None)

@@ -13,7 +13,7 @@ from clusterctl.render import RenderedFile
 Phase = Literal["acquire", "router", "services", "verify"]
 Kind = Literal["push-weight", "pull-weight", "verify-weight", "push-engine", "push-source", "pull-source",
                "verify-source", "build-engine", "install-engine", "upload", "secret", "daemon-reload", "restart",
-               "start"]
+               "start", "remove"]
 FETCH_KINDS = ("push-weight", "pull-weight", "push-source", "pull-source")
 PHASES: tuple[Phase, ...] = ("acquire", "router", "services", "verify")
 ROUTER = "router"
@@ -119,3 +119,4 @@ class NodeFacts:
     executables: set[str] = field(default_factory=set)  # of the binaries asked about, those present
     commands: set[str] = field(default_factory=set)  # of the commands asked about, those on PATH
     python_versions: dict[str, tuple[int, int]] = field(default_factory=dict)  # python* command -> (major, minor)
+    installed: dict[str, str] = field(default_factory=dict)  # service -> its unit/plist/control script found

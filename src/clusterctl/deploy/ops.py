@@ -16,6 +16,7 @@ from clusterctl.deploy.managers import Control, ServiceManager
 from clusterctl.deploy.model import MANIFEST, Desired, Step, WeightFile
 from clusterctl.engines.install import LlamaBuild, VenvInstall
 from clusterctl.inventory import Node
+from clusterctl.layout import script_path
 
 BUILD_TIMEOUT = 4 * 3600.0
 PULL_TIMEOUT = 24 * 3600.0
@@ -172,8 +173,19 @@ def step_ops(step: Step, d: Desired, node: Node, mgr: ServiceManager, *, health:
         return [Put(step.target, 0o600, sensitive=True)]
     if k == "daemon-reload":
         return [control(c) for c in mgr.reload()]
+    if k == "remove":
+        return removal(d, node, mgr, step.target)
     assert step.service is not None
     return [*(control(c) for c in mgr.restart(node, step.service)), *health]
+
+
+def removal(d: Desired, node: Node, mgr: ServiceManager, service: str) -> list[Op]:
+    """Stop and disable an orphan through the node's manager, then delete its unit file (plist,
+    control script) and its launch script; never a file this node should hold. Weights and
+    engines stay."""
+    keep = set(d.all_paths()) | d.unit_files
+    paths = [p for p in dict.fromkeys((mgr.unit_file(node, service), script_path(node, service))) if p not in keep]
+    return [*(control(c) for c in mgr.remove(node, service)), *(remove(p) for p in paths)]
 
 
 def fetched(d: Desired, path: str) -> WeightFile:

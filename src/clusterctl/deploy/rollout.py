@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from clusterctl.deploy import checks, facts, ops
-from clusterctl.deploy.changes import diff
+from clusterctl.deploy.changes import diff, orphans
 from clusterctl.deploy.desired import build_desired
 from clusterctl.deploy.executor import Executor, NodeResult, NullReporter, Reporter
 from clusterctl.deploy.gate import ReadOnly
@@ -68,6 +68,7 @@ class DeployResult:
                                "commands": list(s.commands)}
                               for s in r.steps],
                     "diffs": r.diffs,
+                    "orphans": r.orphans,
                 } for name, r in sorted(self.nodes.items())
             },
         }
@@ -90,15 +91,17 @@ class NodeRun:
         self.result = NodeResult(desired.node)
         self.facts: NodeFacts | None = None
 
-    def gather(self, phases: tuple[Phase, ...] = PHASES) -> None:
+    def gather(self, phases: tuple[Phase, ...] = PHASES, *, prune: bool = False) -> None:
         d = self.d
         weights = [w.path for w in d.weights] + [archive.path for _, archive in d.builds]
         commands = sorted({c for alts in d.commands.values() for alt in alts for c in alt.split("|")})
         self.facts = facts.gather(self.t, base=d.base, files=d.all_paths(), handles=[u for u in d.units.values() if u],
                                   weights=weights, dirs=sorted({w.rsplit("/", 1)[0] for w in weights}),
-                                  manager=self.mgr.name, binaries=list(d.binaries), commands=commands)
+                                  manager=self.mgr.name, binaries=list(d.binaries), commands=commands,
+                                  installed=self.mgr.installed(self.node))
+        self.result.orphans = orphans(d, self.facts)
         self.result.steps = [dataclasses.replace(s, commands=ops.describe(self.ops(s)))
-                             for s in diff(d, self.facts) if s.phase in phases]
+                             for s in diff(d, self.facts, prune=prune) if s.phase in phases]
 
     def ops(self, s: Step) -> list[ops.Op]:
         spec = self.specs.get(s.service or "")
@@ -134,7 +137,7 @@ class NodeRun:
                                          else s not in self.result.done)
                     and s.kind != "daemon-reload"]
             # the manager re-reads unit files after this wave's uploads, before its restarts
-            units = any(s.kind == "upload" and s.target in self.d.unit_files for s in wave)
+            units = any((s.kind == "upload" and s.target in self.d.unit_files) or s.kind == "remove" for s in wave)
             steps = wave + [s for s in steps if s.kind == "daemon-reload" and units]
         if not steps:
             return
@@ -147,9 +150,12 @@ class NodeRun:
 
 def deploy(inv: Inventory, lock: LockFile, rendered: Rendered, connect: Connector, *,
            nodes: list[str] | None = None, phases: tuple[Phase, ...] = PHASES, dry_run: bool = False,
-           max_fail: int = 0, reporter: Reporter | None = None, plan: Plan | None = None) -> DeployResult:
+           max_fail: int = 0, reporter: Reporter | None = None, plan: Plan | None = None,
+           prune: bool = False) -> DeployResult:
     """Run the rollout. `max_fail`: how many failed nodes are tolerated before the remaining
-    phases are skipped for everyone (in-flight work always finishes)."""
+    phases are skipped for everyone (in-flight work always finishes). `prune`: remove the
+    services a node runs that the inventory no longer gives it (orphans); without it they are
+    only reported."""
     reporter = reporter or NullReporter()
     started = time.monotonic()
     wanted = nodes or list(inv.nodes)
@@ -165,7 +171,7 @@ def deploy(inv: Inventory, lock: LockFile, rendered: Rendered, connect: Connecto
             transports[name] = t
             node_specs = {(ROUTER if s.engine == "router" else s.service): s for s in specs if s.node == name}
             run = runs[name] = NodeRun(inv, desired[name], ReadOnly(t) if dry_run else t, reporter, node_specs)
-            run.gather(phases)
+            run.gather(phases, prune=prune)
             if dry_run:
                 run.dry_run_diffs()
             else:

@@ -10,6 +10,15 @@ from typing import Protocol
 from clusterctl.inventory import Node
 
 Argv = tuple[str, ...]
+Pattern = tuple[str, str, str]  # (folder, prefix, suffix) of a service's file: FOLDER/PREFIX<service>SUFFIX
+
+
+def pattern(path_of_any: str) -> Pattern:
+    """(folder, prefix, suffix) of a path layout.py built for the service named `*`."""
+    folder, _, name = path_of_any.rpartition("/")
+    prefix, star, suffix = name.partition("*")
+    assert star, path_of_any
+    return folder, prefix, suffix
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,15 @@ class ServiceManager(Protocol):
 
     def restart(self, node: Node, service: str) -> list[Control]: ...
     def stop(self, node: Node, service: str) -> list[Control]: ...
+
+    def remove(self, node: Node, service: str) -> list[Control]:
+        """Stop the service for good (and disable it) before its files are deleted."""
+        ...
+
+    def installed(self, node: Node) -> Pattern:
+        """Where the files that define clusterctl's services to this manager are, as
+        (folder, prefix, suffix): the probe lists the folder's `PREFIX*SUFFIX` files."""
+        ...
 
     def inspect(self, node: Node, service: str) -> Control:
         """A read-only command whose output `parse_inspect` reads."""

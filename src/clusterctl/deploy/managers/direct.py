@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from clusterctl.deploy.managers.base import Control, Inspect
+from clusterctl.deploy.managers.base import Control, Inspect, Pattern, pattern
 from clusterctl.inventory import Node
 from clusterctl.layout import control_script, log_path
 
@@ -27,6 +27,12 @@ class Direct:
 
     def stop(self, node: Node, service: str) -> list[Control]:
         return [Control((control_script(node, service), "stop"))]
+
+    def remove(self, node: Node, service: str) -> list[Control]:
+        return self.stop(node, service)  # nothing starts it but deploy: stopped is disabled
+
+    def installed(self, node: Node) -> Pattern:
+        return pattern(self.unit_file(node, "*"))
 
     def inspect(self, node: Node, service: str) -> Control:
         return Control((control_script(node, service), "status"), check=False, timeout=30)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from clusterctl.deploy.managers.base import Control, Inspect
+from clusterctl.deploy.managers.base import Control, Inspect, Pattern, pattern
 from clusterctl.inventory import Node
 from clusterctl.layout import launchd_label, launchd_plist, log_path
 
@@ -33,6 +33,15 @@ class Launchd:
 
     def stop(self, node: Node, service: str) -> list[Control]:
         return [Control(("launchctl", "bootout", f"{DOMAIN}/{self.handle(node, service)}"), check=False)]
+
+    def remove(self, node: Node, service: str) -> list[Control]:
+        # bootout fails when the job is not loaded: fine. No `launchctl disable`: it would outlive
+        # the plist and refuse a service of the same name added later; without its plist the job
+        # is not loaded at boot
+        return self.stop(node, service)
+
+    def installed(self, node: Node) -> Pattern:
+        return pattern(self.unit_file(node, "*"))
 
     def inspect(self, node: Node, service: str) -> Control:
         return Control(("launchctl", "print", f"{DOMAIN}/{self.handle(node, service)}"), check=False, timeout=30)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clusterctl.deploy.managers.base import Control, Inspect
+from clusterctl.deploy.managers.base import Control, Inspect, Pattern, pattern
 from clusterctl.inventory import Node
 from clusterctl.layout import systemd_unit_file, unit_name
 
@@ -27,6 +27,14 @@ class Systemd:
 
     def stop(self, node: Node, service: str) -> list[Control]:
         return [Control(("systemctl", "stop", "--", self.handle(node, service)))]
+
+    def remove(self, node: Node, service: str) -> list[Control]:
+        unit = self.handle(node, service)
+        return [Control(("systemctl", "stop", "--", unit)),
+                Control(("systemctl", "disable", "--", unit), check=False, timeout=60)]
+
+    def installed(self, node: Node) -> Pattern:
+        return pattern(self.unit_file(node, "*"))
 
     def inspect(self, node: Node, service: str) -> Control:
         return Control(("systemctl", "show", "-p", "ActiveState", "-p", "SubState", "-p", "MainPID",

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Every fact a deploy needs, in one round trip. Read-only. Arguments:
-#   SHA256_SCRIPT MARKER BASE MANAGER FILES... -- WEIGHTS... -- DIRS... -- HANDLES... -- BINARIES... -- COMMANDS...
+#   SHA256_SCRIPT MARKER BASE MANAGER UNIT_DIR UNIT_PREFIX UNIT_SUFFIX
+#   FILES... -- WEIGHTS... -- DIRS... -- HANDLES... -- BINARIES... -- COMMANDS...
 # SHA256_SCRIPT is the text of sha256.sh; MANAGER is systemd, launchd or direct; HANDLES are its
-# units, launchd labels or control scripts.
+# units, launchd labels or control scripts. The files UNIT_DIR/UNIT_PREFIX*UNIT_SUFFIX are the
+# services clusterctl installed (their names are listed; an empty UNIT_DIR lists none).
 # Each section starts with a line MARKER<name>; GNU and BSD (macOS) tools both work.
-sha_script=$1 marker=$2 base=$3 manager=$4; shift 4
+sha_script=$1 marker=$2 base=$3 manager=$4 unit_dir=$5 unit_prefix=$6 unit_suffix=$7; shift 7
 take() { group=(); while [ $# -gt 0 ] && [ "$1" != "--" ]; do group+=("$1"); shift; done; }
 rest=("$@")
 take "${rest[@]}"; files=("${group[@]}"); rest=("${rest[@]:$((${#group[@]} + 1))}")
@@ -60,6 +62,13 @@ for h in "${handles[@]}"; do
     *) if [ -x "$h" ] && "$h" status >/dev/null 2>&1; then echo active; else echo inactive; fi ;;
   esac
 done
+section installed
+# a glob, not ls or find: the same in every shell, GNU or BSD; no match leaves the pattern, not a file
+if [ -n "$unit_dir" ] && [ -d "$unit_dir" ]; then
+  for f in "$unit_dir/$unit_prefix"*"$unit_suffix"; do
+    if [ -f "$f" ]; then printf '%s\n' "${f##*/}"; fi
+  done
+fi
 section listeners
 if command -v ss >/dev/null 2>&1; then ss -ltnpH
 elif command -v lsof >/dev/null 2>&1; then echo "#lsof"; lsof -nP -iTCP -sTCP:LISTEN 2>/dev/null | tail -n +2; fi
