@@ -261,3 +261,47 @@ def test_a_router_node_without_python_311_is_refused_before_anything_is_written(
         f"node1: {old} is Python 3.9; the router needs Python 3.11 or newer (install it (Debian/Ubuntu: apt "
         "install python3.11 python3.11-venv) and set cluster.engines.router.python to it; nothing was written)")
     assert snapshot(tb) == before
+
+
+def test_a_service_dropped_from_the_inventory_is_reported_then_pruned(testbed_factory: Callable[..., Testbed],
+                                                                       tmp_path: Path) -> None:
+    tb = testbed_factory(3)  # fresh nodes: no service of another test is an orphan here
+    services = """\
+    keep: {engine: llama-server, node: node3, model: gemma, port: 8080, context: 1024, threads: 1}
+    old: {engine: llama-server, node: node3, model: gemma, port: 8081, context: 1024, threads: 1}
+    """
+    path = inventory(tb, tmp_path, services)
+    code, first = deploy(path, "node3")
+    assert code == 0, json.dumps(first, indent=1)
+    node3 = tb.node("node3")
+
+    def active(unit: str) -> str:
+        return node3.run(["systemctl", "is-active", unit]).stdout.strip()
+
+    assert active("clusterctl-old.service") == "active" and active("clusterctl-keep.service") == "active"
+    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                            if not line.startswith("  old:")))
+    resolve(path)
+    code, reported = deploy(path, "node3")
+    assert code == 0 and reported["changes"] == 0, json.dumps(reported, indent=1)
+    assert reported["nodes"]["node3"]["orphans"] == ["old"]  # type: ignore[index]
+    text = runner.invoke(app, ["deploy", "--inventory", str(path), *NO_VERIFY, "node3"])
+    assert text.exit_code == 0, text.output
+    assert "  orphan node3/old: not in the inventory for this node; left alone: deploy --prune removes it" \
+        in text.stdout.splitlines()
+    assert active("clusterctl-old.service") == "active"
+
+    code, pruned = deploy(path, "node3", "--prune")
+    assert code == 0, json.dumps(pruned, indent=1)
+    steps = pruned["nodes"]["node3"]["steps"]  # type: ignore[index]
+    assert [(s["kind"], s["target"], s["done"]) for s in steps] == [("remove", "old", True),
+                                                                    ("daemon-reload", "systemd", True)]
+    assert active("clusterctl-old.service") == "inactive"
+    gone = node3.run(["ls", "/etc/systemd/system/clusterctl-old.service", "/opt/clusterctl/bin/old.sh"])
+    assert gone.returncode != 0 and gone.stdout.strip() == "", gone.stdout
+    assert node3.run(["test", "-f", "/opt/clusterctl/bin/keep.sh"]).returncode == 0
+    assert chat(tb, "node3", 8080, "keep")["choices"]
+
+    code, again = deploy(path, "node3", "--prune")
+    assert code == 0 and again["changes"] == 0, json.dumps(again, indent=1)
+    assert again["nodes"]["node3"]["orphans"] == []  # type: ignore[index]
