@@ -807,3 +807,21 @@ def test_a_direct_node_removes_an_orphan_with_its_control_script(tmp_path: Path)
     assert n1.services["old"].state == "inactive" and n1.services["web"].state == "active"
     assert n1.unknown == []
     assert run(inv, {"n1": n1}, prune=True).changes == 0
+
+
+def test_a_service_renamed_with_its_port_kept_needs_prune_and_then_takes_the_port(tmp_path: Path) -> None:
+    n1, _ = deployed_with_old(tmp_path)
+    renamed = write_inventory(tmp_path, WEB + OLD.replace("  old:", "  new:").replace("-m, old", "-m, new"))
+    new = n1.service("new", 8082)
+    refused = run(renamed, {"n1": n1})  # old holds 8082: the start of new is refused before any write
+    assert refused.nodes["n1"].failed.startswith("n1: port 8082 is taken on ")
+    assert refused.nodes["n1"].failed.endswith("new would not start (if it is old, which the inventory no longer "
+                                               "gives this node, deploy --prune removes it first; else stop that "
+                                               "process or give the service another port)")
+    assert n1.writes == [] and n1.services["old"].state == "active"
+    pruned = run(renamed, {"n1": n1}, prune=True)  # old goes first, then new starts on its port
+    assert pruned.ok, pruned.nodes["n1"].failed
+    kinds = [s.kind for s in pruned.nodes["n1"].done]
+    assert kinds.index("remove") < kinds.index("restart")
+    assert n1.services["old"].state == "inactive" and new.state == "active" and new.starts == 1
+    assert run(renamed, {"n1": n1}).changes == 0

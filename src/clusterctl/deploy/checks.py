@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from clusterctl.deploy import ops
+from clusterctl.deploy.changes import orphans
 from clusterctl.deploy.desired import DeployError
 from clusterctl.deploy.facts import gpu_drift, port_conflict
 from clusterctl.deploy.managers import ServiceManager
@@ -29,18 +30,24 @@ def preflight(inv: Inventory, d: Desired, facts: NodeFacts, steps: list[Step], s
     if problem:
         raise DeployError(f"{d.node}: {problem}",
                           hint="fix the node's accelerators in the inventory and run clusterctl plan")
+    # a service renamed with its port kept: the orphan (`--prune`) holds the port until its removal,
+    # which runs before any start; a port still taken then fails that start and is rolled back
+    removing = any(step.kind == "remove" for step in steps)
     for step in steps:
         if step.kind not in ("restart", "start") or step.service not in specs:
             continue
         spec = specs[step.service]
         running = facts.units.get(d.units.get(step.service, "")) == "active"
         taken = port_conflict(facts.listeners, spec.bind, spec.port) if spec.port else None
-        if taken is not None and not running:
+        if taken is not None and not running and not removing:
             address, owner = taken
+            left = orphans(d, facts)
+            hint = (f"if it is {' or '.join(left)}, which the inventory no longer gives this node, "
+                    "deploy --prune removes it first; else stop that process or give the service another port"
+                    if left else "stop that process or give the service another port; "
+                    "clusterctl does not kill processes it did not start")
             raise DeployError(f"{d.node}: port {spec.port} is taken on {address} by another process "
-                              f"({owner or 'owner not visible'}); {step.service} would not start",
-                              hint="stop that process or give the service another port; "
-                              "clusterctl does not kill processes it did not start")
+                              f"({owner or 'owner not visible'}); {step.service} would not start", hint=hint)
     pushed = {e.path for e in d.engines}
     pushed |= {b.binary(t) for b, _ in d.builds for t in b.targets}
     pushed |= {p for v in d.venvs for p in v.provides}
