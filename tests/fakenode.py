@@ -87,6 +87,7 @@ class FakeNode:
         self.loaded: dict[str, bytes | None] = {}  # systemd: unit files as of the last daemon-reload
         self.stale_starts: list[str] = []  # units (re)started while their file changed since the last reload
         self.closed = False
+        self.unfirewalled: list[tuple[str, ...]] = []  # (table, chain) of each firewall rule removed
         self._pids = 4000
 
     # -- set-up ------------------------------------------------------------------------------
@@ -181,12 +182,15 @@ class FakeNode:
         return 0, "", ""
 
     def _rm(self, a: tuple[str, ...], stdin: bytes | None) -> tuple[int, str, str]:
-        if a[-1] in self.read_only:
-            return 1, "", f"rm: cannot remove '{a[-1]}': Permission denied\n"
-        if self.files.pop(a[-1], None) is not None:
-            self.writes.append(a[-1])
-            self.removed.append(a[-1])
-        return 0, "", ""
+        """rm -f -- PATH...: like GNU rm, a path it cannot remove is reported and the rest go."""
+        err = ""
+        for path in a[a.index("--") + 1:]:
+            if path in self.read_only:
+                err += f"rm: cannot remove '{path}': Permission denied\n"
+            elif self.files.pop(path, None) is not None:
+                self.writes.append(path)
+                self.removed.append(path)
+        return (1 if err else 0), "", err
 
     def _wc(self, a: tuple[str, ...], stdin: bytes | None) -> tuple[int, str, str]:
         path = a[-1]
@@ -249,6 +253,10 @@ class FakeNode:
         for path in (f"{venv}/bin/{exe}", f"{link}/bin/{exe}", f"{venv}/bin/python", f"{link}/bin/python"):
             self.files[path] = (f"#!{venv}/bin/python\n".encode(), 0o755)
             self.writes.append(path)
+        return 0, "", ""
+
+    def _script_unfirewall(self, args: list[str]) -> tuple[int, str, str]:
+        self.unfirewalled.append(tuple(args))
         return 0, "", ""
 
     def _script_probe(self, args: list[str]) -> tuple[int, str, str]:

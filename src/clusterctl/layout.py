@@ -42,6 +42,15 @@ def script_path(node: Node, service: str) -> str:
     return f"{base_dir(node)}/bin/{service}.sh"
 
 
+COMPANIONS = ("stop", "firewall", "post")  # a container's stop, a port's firewall rule, a post-start step
+
+
+def companion_script(node: Node, service: str, role: str) -> str:
+    """A script the service's unit runs besides its launch script (one of COMPANIONS)."""
+    assert role in COMPANIONS, role
+    return f"{base_dir(node)}/bin/{service}-{role}.sh"
+
+
 def log_path(node: Node, service: str) -> str:
     return f"{base_dir(node)}/log/{service}.log"
 

@@ -30,6 +30,7 @@ from clusterctl.layout import (
     ROUTER_SERVICE,
     address,
     base_dir,
+    companion_script,
     control_script,
     host_port,
     http_url,
@@ -182,16 +183,16 @@ def _service_files(inv: Inventory, spec: LaunchSpec, same_node: dict[str, list[s
         files.append(RenderedFile(spec.node, path, content, 0o644, restarts))
     stop_script = None
     if spec.container:
-        stop_script = f"{base}/bin/{spec.service}-stop.sh"
+        stop_script = companion_script(node, spec.service, "stop")
         files.append(RenderedFile(spec.node, stop_script, render_template("scripts/container-stop.sh.j2", spec=spec),
                                   0o755, restarts))
     fw_script = None
     if spec.firewall is not None:
-        fw_script = f"{base}/bin/{spec.service}-firewall.sh"
+        fw_script = companion_script(node, spec.service, "firewall")
         files.append(RenderedFile(spec.node, fw_script, _firewall_script(spec), 0o755, restarts))
     post_script = None
     if spec.post_start:
-        post_script = f"{base}/bin/{spec.service}-post.sh"
+        post_script = companion_script(node, spec.service, "post")
         files.append(RenderedFile(spec.node, post_script, render_template("scripts/post-start.sh.j2", spec=spec),
                                   0o755, restarts))
     manager = node.manager

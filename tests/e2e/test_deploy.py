@@ -265,43 +265,46 @@ def test_a_router_node_without_python_311_is_refused_before_anything_is_written(
 
 def test_a_service_dropped_from_the_inventory_is_reported_then_pruned(testbed_factory: Callable[..., Testbed],
                                                                        tmp_path: Path) -> None:
+    """An rpc-server worker dropped with its head's rpc_workers: reported and left running, then
+    --prune stops it, deletes its files and takes its firewall table out of node2's nftables."""
     tb = testbed_factory(3)  # fresh nodes: no service of another test is an orphan here
-    services = """\
-    keep: {engine: llama-server, node: node3, model: gemma, port: 8080, context: 1024, threads: 1}
-    old: {engine: llama-server, node: node3, model: gemma, port: 8081, context: 1024, threads: 1}
-    """
-    path = inventory(tb, tmp_path, services)
-    code, first = deploy(path, "node3")
+    n2 = tb.node("node2").ip
+    old = f"old: {{engine: rpc-server, node: node2, port: 50052, bind: {n2}, threads: 1}}\n"
+    keep = "keep: {engine: llama-server, node: node3, model: gemma, port: 8080, context: 1024, threads: 1%s}\n"
+    path = inventory(tb, tmp_path, keep % ", rpc_workers: [old]" + old)
+    code, first = deploy(path)
     assert code == 0, json.dumps(first, indent=1)
-    node3 = tb.node("node3")
+    node2, node3 = tb.node("node2"), tb.node("node3")
 
-    def active(unit: str) -> str:
-        return node3.run(["systemctl", "is-active", unit]).stdout.strip()
+    def active(node: object, unit: str) -> str:
+        return node.run(["systemctl", "is-active", unit]).stdout.strip()  # type: ignore[attr-defined]
 
-    assert active("clusterctl-old.service") == "active" and active("clusterctl-keep.service") == "active"
-    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
-                            if not line.startswith("  old:")))
-    resolve(path)
-    code, reported = deploy(path, "node3")
-    assert code == 0 and reported["changes"] == 0, json.dumps(reported, indent=1)
-    assert reported["nodes"]["node3"]["orphans"] == ["old"]  # type: ignore[index]
-    text = runner.invoke(app, ["deploy", "--inventory", str(path), *NO_VERIFY, "node3"])
+    assert active(node2, "clusterctl-old.service") == "active" and active(node3, "clusterctl-keep.service") == "active"
+    assert node2.run(["nft", "list", "table", "inet", "clusterctl_old"]).returncode == 0
+    inventory(tb, tmp_path, keep % "")  # the same file, without old
+    code, reported = deploy(path)
+    assert code == 0, json.dumps(reported, indent=1)
+    assert reported["nodes"]["node2"]["orphans"] == ["old"]  # type: ignore[index]
+    assert reported["nodes"]["node3"]["orphans"] == []  # type: ignore[index]
+    text = runner.invoke(app, ["deploy", "--inventory", str(path), *NO_VERIFY])
     assert text.exit_code == 0, text.output
-    assert "  orphan node3/old: not in the inventory for this node; left alone: deploy --prune removes it" \
+    assert "  orphan node2/old: not in the inventory for this node; left alone: deploy --prune removes it" \
         in text.stdout.splitlines()
-    assert active("clusterctl-old.service") == "active"
+    assert active(node2, "clusterctl-old.service") == "active"
 
-    code, pruned = deploy(path, "node3", "--prune")
+    code, pruned = deploy(path, "--prune")
     assert code == 0, json.dumps(pruned, indent=1)
-    steps = pruned["nodes"]["node3"]["steps"]  # type: ignore[index]
+    steps = pruned["nodes"]["node2"]["steps"]  # type: ignore[index]
     assert [(s["kind"], s["target"], s["done"]) for s in steps] == [("remove", "old", True),
                                                                     ("daemon-reload", "systemd", True)]
-    assert active("clusterctl-old.service") == "inactive"
-    gone = node3.run(["ls", "/etc/systemd/system/clusterctl-old.service", "/opt/clusterctl/bin/old.sh"])
+    assert active(node2, "clusterctl-old.service") == "inactive"
+    gone = node2.run(["ls", "/etc/systemd/system/clusterctl-old.service", "/opt/clusterctl/bin/old.sh",
+                      "/opt/clusterctl/bin/old-firewall.sh"])
     assert gone.returncode != 0 and gone.stdout.strip() == "", gone.stdout
+    assert node2.run(["nft", "list", "table", "inet", "clusterctl_old"]).returncode != 0  # the rule is gone
     assert node3.run(["test", "-f", "/opt/clusterctl/bin/keep.sh"]).returncode == 0
     assert chat(tb, "node3", 8080, "keep")["choices"]
 
-    code, again = deploy(path, "node3", "--prune")
+    code, again = deploy(path, "--prune")
     assert code == 0 and again["changes"] == 0, json.dumps(again, indent=1)
-    assert again["nodes"]["node3"]["orphans"] == []  # type: ignore[index]
+    assert again["nodes"]["node2"]["orphans"] == []  # type: ignore[index]

@@ -661,7 +661,10 @@ OLD = """\
     command: [/usr/bin/python3, -m, old]
 """
 REMOVE_OLD = ("systemctl stop -- clusterctl-old.service", "systemctl disable -- clusterctl-old.service",
-              "rm -f -- /etc/systemd/system/clusterctl-old.service", "rm -f -- /opt/clusterctl/bin/old.sh")
+              "unfirewall.sh clusterctl_old CC-old-cba06b",
+              "rm -f -- /etc/systemd/system/clusterctl-old.service /opt/clusterctl/bin/old.sh "
+              "/opt/clusterctl/bin/old-stop.sh /opt/clusterctl/bin/old-firewall.sh /opt/clusterctl/bin/old-post.sh "
+              "/etc/clusterctl/secrets/old.key")
 
 
 def deployed_with_old(tmp_path: Path, **kwargs: object) -> tuple[FakeNode, Inventory]:
@@ -711,6 +714,7 @@ def test_prune_stops_disables_and_deletes_an_orphan_and_a_second_deploy_changes_
     assert n1.removed == ["/etc/systemd/system/clusterctl-old.service", "/opt/clusterctl/bin/old.sh"]
     assert "/etc/systemd/system/clusterctl-old.service" not in n1.files and "/opt/clusterctl/bin/old.sh" not in n1.files
     assert n1.disabled == ["clusterctl-old.service"] and n1.reloads == reloads + 1
+    assert n1.unfirewalled == [("clusterctl_old", "CC-old-cba06b")]
     commands = n1.commands()
     assert commands.index(REMOVE_OLD[0]) < commands.index(REMOVE_OLD[3]) < commands.index("systemctl daemon-reload")
     assert n1.services["old"].state == "inactive"
@@ -749,7 +753,7 @@ def test_a_failing_removal_fails_the_node_naming_node_and_service(tmp_path: Path
     assert failed is not None and failed.startswith(
         "n1: removing old failed: rm: cannot remove '/etc/systemd/system/clusterctl-old.service': Permission denied")
     assert [s.kind for s in result.nodes["n1"].done] == []
-    assert "/opt/clusterctl/bin/old.sh" in n1.files  # nothing after the failing command
+    assert "/etc/systemd/system/clusterctl-old.service" in n1.files
 
 
 def test_the_router_is_an_orphan_only_off_its_node_and_a_moved_service_is_one_where_it_was(tmp_path: Path) -> None:
@@ -787,8 +791,10 @@ def test_a_launchd_node_removes_an_orphan_with_launchctl(tmp_path: Path) -> None
     assert result.ok, result.nodes["n1"].failed
     assert steps(result) == [("remove", "old", "not in the inventory for this node")]  # no daemon-reload
     assert result.nodes["n1"].steps[0].commands == (
-        "launchctl bootout system/io.clusterctl.old", "rm -f -- /Library/LaunchDaemons/io.clusterctl.old.plist",
-        "rm -f -- /usr/local/clusterctl/bin/old.sh")
+        "launchctl bootout system/io.clusterctl.old",  # no firewall rule on macOS
+        "rm -f -- /Library/LaunchDaemons/io.clusterctl.old.plist /usr/local/clusterctl/bin/old.sh "
+        "/usr/local/clusterctl/bin/old-stop.sh /usr/local/clusterctl/bin/old-firewall.sh "
+        "/usr/local/clusterctl/bin/old-post.sh /etc/clusterctl/secrets/old.key")
     assert n1.removed == ["/Library/LaunchDaemons/io.clusterctl.old.plist", "/usr/local/clusterctl/bin/old.sh"]
     assert not n1.services["old"].loaded and n1.services["old"].state == "inactive"
     assert n1.services["web"].state == "active" and n1.unknown == []
@@ -801,8 +807,9 @@ def test_a_direct_node_removes_an_orphan_with_its_control_script(tmp_path: Path)
     assert result.ok, result.nodes["n1"].failed
     assert steps(result) == [("remove", "old", "not in the inventory for this node")]
     assert result.nodes["n1"].steps[0].commands == (
-        "/opt/clusterctl/bin/old-ctl.sh stop", "rm -f -- /opt/clusterctl/bin/old-ctl.sh",
-        "rm -f -- /opt/clusterctl/bin/old.sh")
+        "/opt/clusterctl/bin/old-ctl.sh stop",  # an android node: no firewall rule either
+        "rm -f -- /opt/clusterctl/bin/old-ctl.sh /opt/clusterctl/bin/old.sh /opt/clusterctl/bin/old-stop.sh "
+        "/opt/clusterctl/bin/old-firewall.sh /opt/clusterctl/bin/old-post.sh /etc/clusterctl/secrets/old.key")
     assert n1.removed == ["/opt/clusterctl/bin/old-ctl.sh", "/opt/clusterctl/bin/old.sh"]
     assert n1.services["old"].state == "inactive" and n1.services["web"].state == "active"
     assert n1.unknown == []

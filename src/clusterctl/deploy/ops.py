@@ -11,12 +11,13 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from clusterctl import firewall
 from clusterctl.deploy import shell
 from clusterctl.deploy.managers import Control, ServiceManager
 from clusterctl.deploy.model import MANIFEST, Desired, Step, WeightFile
 from clusterctl.engines.install import LlamaBuild, VenvInstall
 from clusterctl.inventory import Node
-from clusterctl.layout import script_path
+from clusterctl.layout import COMPANIONS, companion_script, script_path, secret_path
 
 BUILD_TIMEOUT = 4 * 3600.0
 PULL_TIMEOUT = 24 * 3600.0
@@ -180,12 +181,16 @@ def step_ops(step: Step, d: Desired, node: Node, mgr: ServiceManager, *, health:
 
 
 def removal(d: Desired, node: Node, mgr: ServiceManager, service: str) -> list[Op]:
-    """Stop and disable an orphan through the node's manager, then delete its unit file (plist,
-    control script) and its launch script; never a file this node should hold. Weights and
-    engines stay."""
+    """Stop and disable an orphan through the node's manager, drop its port's firewall rule
+    (Linux), then delete its unit file (plist, control script), its launch script, the scripts
+    its unit ran beside it and its secret; never a file this node should hold. Weights, engines
+    and logs stay."""
     keep = set(d.all_paths()) | d.unit_files
-    paths = [p for p in dict.fromkeys((mgr.unit_file(node, service), script_path(node, service))) if p not in keep]
-    return [*(control(c) for c in mgr.remove(node, service)), *(remove(p) for p in paths)]
+    files = (mgr.unit_file(node, service), script_path(node, service),
+             *(companion_script(node, service, role) for role in COMPANIONS), secret_path(service))
+    paths = [p for p in dict.fromkeys(files) if p not in keep]
+    unfirewall = [script("unfirewall", firewall.table(service), firewall.chain(service))] if node.os == "linux" else []
+    return [*(control(c) for c in mgr.remove(node, service)), *unfirewall, Run(("rm", "-f", "--", *paths))]
 
 
 def fetched(d: Desired, path: str) -> WeightFile:

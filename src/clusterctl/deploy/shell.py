@@ -7,7 +7,7 @@ from __future__ import annotations
 from functools import cache
 from importlib.resources import files
 
-SCRIPTS = ("probe", "sha256", "tcp-probe", "build-llama", "venv")
+SCRIPTS = ("probe", "sha256", "tcp-probe", "build-llama", "venv", "unfirewall")
 
 
 @cache
