@@ -298,8 +298,12 @@ class FakeNode:
             section("listeners", "#lsof", *(f"{proc} 123 root 5u IPv4 0x1 0t0 TCP {h}:{p} (LISTEN)"
                                             for h, p, proc in listeners))
         else:
-            section("listeners", *(f'LISTEN 0 128 {h}:{p} 0.0.0.0:* users:(("{proc}",pid=7,fd=3))'
-                                   for h, p, proc in listeners))
+            # a pid per listener; the cgroup's unit for clusterctl's own services under systemd
+            mine = {s.port: s.name for s in self.services.values() if s.running}
+            units = [f"#unit {100 + i} clusterctl-{mine[p]}.service" for i, (_, p, _) in enumerate(listeners)
+                     if p in mine and manager == "systemd"]
+            section("listeners", *(f'LISTEN 0 128 {h}:{p} 0.0.0.0:* users:(("{proc}",pid={100 + i},fd=3))'
+                                   for i, (h, p, proc) in enumerate(listeners)), *units)
         manifest = self.get(f"{base}/state/manifest.json")
         section("manifest", *([manifest.decode()] if manifest else []))
         section("found", *(b for b in binaries if self.files.get(b, (b"", 0))[1] & 0o111), "--",

@@ -281,6 +281,14 @@ def test_a_service_dropped_from_the_inventory_is_reported_then_pruned(testbed_fa
 
     assert active(node2, "clusterctl-old.service") == "active" and active(node3, "clusterctl-keep.service") == "active"
     assert node2.run(["nft", "list", "table", "inet", "clusterctl_old"]).returncode == 0
+    # renamed with its port kept: the listener's cgroup names old as the holder of the port
+    inventory(tb, tmp_path, keep % ", rpc_workers: [new]" + old.replace("old:", "new:", 1))
+    code, refused = deploy(path, "node2")
+    assert code == ExitCode.DEPLOY_FAILED, json.dumps(refused, indent=1)
+    assert refused["nodes"]["node2"]["failed"] == (  # type: ignore[index]
+        f"node2: port 50052 is taken on {n2} by old (clusterctl-old.service), which the inventory no longer "
+        "gives this node; new would not start (deploy --prune removes it first)")
+    assert active(node2, "clusterctl-old.service") == "active"
     inventory(tb, tmp_path, keep % "")  # the same file, without old
     code, reported = deploy(path)
     assert code == 0, json.dumps(reported, indent=1)

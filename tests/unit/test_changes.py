@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from clusterctl.deploy.changes import diff, summary
-from clusterctl.deploy.facts import parse_sha256sum, parse_ss, parse_stat
+from clusterctl.deploy.facts import parse_listener_units, parse_sha256sum, parse_ss, parse_stat
 from clusterctl.deploy.model import Desired, EngineFile, NodeFacts, SecretValue, WeightFile
 from clusterctl.render import RenderedFile
 
@@ -102,6 +102,9 @@ def test_probe_parsers() -> None:
     ss = ('LISTEN 0 128 127.0.0.1:8080 0.0.0.0:* users:(("llama-server",pid=7,fd=3))\n'
           "LISTEN 0 4096 [::]:22 [::]:*\n")
     assert parse_ss(ss) == {8080: "llama-server", 22: ""}
+    units = ss + "#unit 7 clusterctl-chat.service\n#unit 9\n"  # pid 9: no unit in its cgroup
+    assert parse_listener_units(units) == {8080: "clusterctl-chat.service"}
+    assert parse_ss(units) == {8080: "llama-server", 22: ""}  # the #unit lines are no listeners
 
 
 def test_gpu_drift_stops_a_node_that_has_less_than_the_inventory_says() -> None:

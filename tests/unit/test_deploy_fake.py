@@ -821,10 +821,9 @@ def test_a_service_renamed_with_its_port_kept_needs_prune_and_then_takes_the_por
     renamed = write_inventory(tmp_path, WEB + OLD.replace("  old:", "  new:").replace("-m, old", "-m, new"))
     new = n1.service("new", 8082)
     refused = run(renamed, {"n1": n1})  # old holds 8082: the start of new is refused before any write
-    assert refused.nodes["n1"].failed.startswith("n1: port 8082 is taken on ")
-    assert refused.nodes["n1"].failed.endswith("new would not start (if it is old, which the inventory no longer "
-                                               "gives this node, deploy --prune removes it first; else stop that "
-                                               "process or give the service another port)")
+    assert refused.nodes["n1"].failed == ("n1: port 8082 is taken on 127.0.0.1 by old (clusterctl-old.service), "
+                                          "which the inventory no longer gives this node; new would not start "
+                                          "(deploy --prune removes it first)")
     assert n1.writes == [] and n1.services["old"].state == "active"
     pruned = run(renamed, {"n1": n1}, prune=True)  # old goes first, then new starts on its port
     assert pruned.ok, pruned.nodes["n1"].failed
@@ -832,3 +831,29 @@ def test_a_service_renamed_with_its_port_kept_needs_prune_and_then_takes_the_por
     assert kinds.index("remove") < kinds.index("restart")
     assert n1.services["old"].state == "inactive" and new.state == "active" and new.starts == 1
     assert run(renamed, {"n1": n1}).changes == 0
+
+
+def test_a_stranger_on_the_port_is_not_blamed_on_an_orphan(tmp_path: Path) -> None:
+    """The orphan old runs on 8082; a process clusterctl never started holds 8090, where the
+    renamed service would go: the refusal names the stranger, not old (systemd tells them apart
+    by the listener's cgroup)."""
+    n1, _ = deployed_with_old(tmp_path)
+    n1.foreign.append(("127.0.0.1", 8090, "python3"))
+    moved = write_inventory(tmp_path, WEB + OLD.replace("  old:", "  new:").replace("8082", "8090"))
+    n1.service("new", 8090)
+    refused = run(moved, {"n1": n1})
+    assert refused.nodes["n1"].failed == ("n1: port 8090 is taken on 127.0.0.1 by another process (python3); new "
+                                          "would not start (stop that process or give the service another port; "
+                                          "clusterctl does not kill processes it did not start)")
+
+
+def test_without_cgroups_the_refusal_says_the_orphan_may_hold_the_port(tmp_path: Path) -> None:
+    n1, _ = deployed_with_old(tmp_path, os="macos", manager="launchd")
+    nodes = "  n1: {address: 10.0.0.1, os: macos, unified_memory: 32GiB}\n"
+    renamed = write_inventory(tmp_path, WEB + OLD.replace("  old:", "  new:"), nodes=nodes)
+    n1.service("new", 8082)
+    refused = run(renamed, {"n1": n1})
+    assert refused.nodes["n1"].failed == ("n1: port 8082 is taken on 127.0.0.1 by another process (server); new "
+                                          "would not start (if it is old, which the inventory no longer gives this "
+                                          "node, deploy --prune removes it first; else stop that process or give "
+                                          "the service another port)")

@@ -41,11 +41,19 @@ def preflight(inv: Inventory, d: Desired, facts: NodeFacts, steps: list[Step], s
         taken = port_conflict(facts.listeners, spec.bind, spec.port) if spec.port else None
         if taken is not None and not running and not removing:
             address, owner = taken
+            unit = facts.port_units.get(spec.port)
             left = orphans(d, facts)
-            hint = (f"if it is {' or '.join(left)}, which the inventory no longer gives this node, "
-                    "deploy --prune removes it first; else stop that process or give the service another port"
-                    if left else "stop that process or give the service another port; "
-                    "clusterctl does not kill processes it did not start")
+            held = [s for s in left if unit and facts.installed[s].rsplit("/", 1)[-1] == unit]
+            if held:
+                raise DeployError(f"{d.node}: port {spec.port} is taken on {address} by {held[0]} ({unit}), "
+                                  f"which the inventory no longer gives this node; {step.service} would not start",
+                                  hint="deploy --prune removes it first")
+            if left and not facts.has_systemd:  # no cgroup to tell who holds the port
+                hint = (f"if it is {' or '.join(left)}, which the inventory no longer gives this node, "
+                        "deploy --prune removes it first; else stop that process or give the service another port")
+            else:
+                hint = ("stop that process or give the service another port; "
+                        "clusterctl does not kill processes it did not start")
             raise DeployError(f"{d.node}: port {spec.port} is taken on {address} by another process "
                               f"({owner or 'owner not visible'}); {step.service} would not start", hint=hint)
     pushed = {e.path for e in d.engines}

@@ -100,13 +100,28 @@ def parse_listeners(text: str) -> list[tuple[str, int, str]]:
     out = []
     for line in text.splitlines():
         cols = line.split()
-        if len(cols) < 4:
+        if len(cols) < 4 or line.startswith("#"):
             continue
         m = re.match(r"^\[?(.*?)\]?(?:%\S+)?:(\d+)$", cols[3])
         if not m:
             continue
         proc = re.search(r'users:\(\("([^"]+)"', line)
         out.append((m.group(1), int(m.group(2)), proc.group(1) if proc else ""))
+    return out
+
+
+def parse_listener_units(text: str) -> dict[int, str]:
+    """Port -> systemd unit of the process listening on it, from the `#unit PID UNIT` lines the
+    probe adds after `ss` (the unit of the process's cgroup; absent where there is none)."""
+    units = dict(line.split()[1:3] for line in text.splitlines()
+                 if line.startswith("#unit ") and len(line.split()) == 3)
+    out: dict[int, str] = {}
+    for line in text.splitlines():
+        cols = line.split()
+        pid = re.search(r"pid=(\d+)", line)
+        port = re.match(r"^.*:(\d+)$", cols[3]) if len(cols) >= 4 and not line.startswith("#") else None
+        if pid and port and pid.group(1) in units:
+            out.setdefault(int(port.group(1)), units[pid.group(1)])
     return out
 
 
@@ -253,6 +268,7 @@ def parse_probe(node: str, text: str, marker: str, *, dirs: Sequence[str], handl
     if installed[0]:
         facts.installed = parse_installed(out.get("installed", ""), *installed)
     facts.listeners = parse_listeners(out.get("listeners", ""))
+    facts.port_units = parse_listener_units(out.get("listeners", ""))
     manifest = out.get("manifest", "")
     facts.manifest = parse_manifest(manifest.encode() if manifest.strip() else None)
     facts.executables, facts.commands = parse_found(out.get("found", "") + "\n")

@@ -70,7 +70,13 @@ if [ -n "$unit_dir" ] && [ -d "$unit_dir" ]; then
   done
 fi
 section listeners
-if command -v ss >/dev/null 2>&1; then ss -ltnpH
+if command -v ss >/dev/null 2>&1; then
+  listening=$(ss -ltnpH); printf '%s\n' "$listening"
+  # the systemd unit of each listening process (its cgroup): tells an orphan holding a port from a stranger
+  for pid in $(printf '%s\n' "$listening" | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u); do
+    unit=$(grep -o '[^/]*\.service' "/proc/$pid/cgroup" 2>/dev/null | tail -n 1 || true)
+    if [ -n "$unit" ]; then printf '#unit %s %s\n' "$pid" "$unit"; fi
+  done
 elif command -v lsof >/dev/null 2>&1; then echo "#lsof"; lsof -nP -iTCP -sTCP:LISTEN 2>/dev/null | tail -n +2; fi
 section manifest; cat -- "$base/state/manifest.json" 2>/dev/null
 section found
