@@ -103,7 +103,7 @@ def test_probe_parsers() -> None:
           "LISTEN 0 4096 [::]:22 [::]:*\n")
     assert parse_ss(ss) == {8080: "llama-server", 22: ""}
     units = ss + "#unit 7 clusterctl-chat.service\n#unit 9\n"  # pid 9: no unit in its cgroup
-    assert parse_listener_units(units) == {8080: "clusterctl-chat.service"}
+    assert parse_listener_units(units) == {("127.0.0.1", 8080): "clusterctl-chat.service"}
     assert parse_ss(units) == {8080: "llama-server", 22: ""}  # the #unit lines are no listeners
 
 

@@ -13,7 +13,7 @@ from clusterctl.deploy.managers import ServiceManager
 from clusterctl.deploy.model import FETCH_KINDS, Desired, NodeFacts, Step
 from clusterctl.engines import LaunchSpec
 from clusterctl.inventory import Inventory, Node
-from clusterctl.layout import host_port, http_url, local_host, rpc_endpoint
+from clusterctl.layout import host_port, http_url, local_host, rpc_endpoint, unit_name
 from clusterctl.transport import Transport
 
 HEALTH_POLL_FIRST = 0.1  # seconds before the second health probe of a restarted service, doubling
@@ -41,11 +41,11 @@ def preflight(inv: Inventory, d: Desired, facts: NodeFacts, steps: list[Step], s
         taken = port_conflict(facts.listeners, spec.bind, spec.port) if spec.port else None
         if taken is not None and not running and not removing:
             address, owner = taken
-            unit = facts.port_units.get(spec.port)
+            unit = facts.port_units.get((address, spec.port))
             left = orphans(d, facts)
-            held = [s for s in left if unit and facts.installed[s].rsplit("/", 1)[-1] == unit]
-            if held:
-                raise DeployError(f"{d.node}: port {spec.port} is taken on {address} by {held[0]} ({unit}), "
+            holder = next((s for s in left if f"{unit_name(s)}.service" == unit), None)  # systemd's name
+            if holder:
+                raise DeployError(f"{d.node}: port {spec.port} is taken on {address} by {holder} ({unit}), "
                                   f"which the inventory no longer gives this node; {step.service} would not start",
                                   hint="deploy --prune removes it first")
             if left and not facts.has_systemd:  # no cgroup to tell who holds the port

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from clusterctl.deploy import shell
 from clusterctl.deploy.model import Gpu, NodeFacts
@@ -92,12 +92,9 @@ def parse_is_active(units: Sequence[str], text: str) -> dict[str, str]:
     return {u: (states[i] if i < len(states) else "unknown") for i, u in enumerate(units)}
 
 
-def parse_listeners(text: str) -> list[tuple[str, int, str]]:
-    """`ss -ltnpH`, or `lsof -nP -iTCP -sTCP:LISTEN` after a `#lsof` line (macOS): (local
-    address, port, process name) of every listening socket."""
-    if text.startswith("#lsof"):
-        return parse_lsof(text)
-    out = []
+def _ss_rows(text: str) -> Iterator[tuple[str, int, str, str]]:
+    """(local address, port, process name, pid) of each `ss -ltnpH` row; the probe's `#` lines
+    are none. Name and pid are empty where ss cannot see the process."""
     for line in text.splitlines():
         cols = line.split()
         if len(cols) < 4 or line.startswith("#"):
@@ -105,24 +102,26 @@ def parse_listeners(text: str) -> list[tuple[str, int, str]]:
         m = re.match(r"^\[?(.*?)\]?(?:%\S+)?:(\d+)$", cols[3])
         if not m:
             continue
-        proc = re.search(r'users:\(\("([^"]+)"', line)
-        out.append((m.group(1), int(m.group(2)), proc.group(1) if proc else ""))
-    return out
+        name = re.search(r'users:\(\("([^"]+)"', line)
+        pid = re.search(r"pid=(\d+)", line)
+        yield m.group(1), int(m.group(2)), name.group(1) if name else "", pid.group(1) if pid else ""
 
 
-def parse_listener_units(text: str) -> dict[int, str]:
-    """Port -> systemd unit of the process listening on it, from the `#unit PID UNIT` lines the
-    probe adds after `ss` (the unit of the process's cgroup; absent where there is none)."""
+def parse_listeners(text: str) -> list[tuple[str, int, str]]:
+    """`ss -ltnpH`, or `lsof -nP -iTCP -sTCP:LISTEN` after a `#lsof` line (macOS): (local
+    address, port, process name) of every listening socket."""
+    if text.startswith("#lsof"):
+        return parse_lsof(text)
+    return [(address, port, name) for address, port, name, _ in _ss_rows(text)]
+
+
+def parse_listener_units(text: str) -> dict[tuple[str, int], str]:
+    """(local address, port) -> systemd unit of the process listening there, from the
+    `#unit PID UNIT` lines the probe adds after `ss` (the unit of the process's cgroup; absent
+    where there is none)."""
     units = dict(line.split()[1:3] for line in text.splitlines()
                  if line.startswith("#unit ") and len(line.split()) == 3)
-    out: dict[int, str] = {}
-    for line in text.splitlines():
-        cols = line.split()
-        pid = re.search(r"pid=(\d+)", line)
-        port = re.match(r"^.*:(\d+)$", cols[3]) if len(cols) >= 4 and not line.startswith("#") else None
-        if pid and port and pid.group(1) in units:
-            out.setdefault(int(port.group(1)), units[pid.group(1)])
-    return out
+    return {(address, port): units[pid] for address, port, _, pid in _ss_rows(text) if pid in units}
 
 
 def parse_lsof(text: str) -> list[tuple[str, int, str]]:

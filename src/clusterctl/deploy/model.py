@@ -112,7 +112,7 @@ class NodeFacts:
     modes: dict[str, int] = field(default_factory=dict)
     units: dict[str, str] = field(default_factory=dict)  # unit -> active/inactive/failed/...
     listeners: list[tuple[str, int, str]] = field(default_factory=list)  # (address, port, process)
-    port_units: dict[int, str] = field(default_factory=dict)  # port -> systemd unit of its listener
+    port_units: dict[tuple[str, int], str] = field(default_factory=dict)  # (address, port) -> listener's unit
     manifest: dict[str, dict[str, object]] = field(default_factory=dict)  # path -> {sha256, size}
     sizes: dict[str, int] = field(default_factory=dict)  # path -> size (weights, .part files)
     has_systemd: bool = False
